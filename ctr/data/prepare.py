@@ -1,0 +1,329 @@
+"""Preparation: canonical tables -> a fingerprinted artefact of model-ready columns.
+
+Prepare once, train many. :func:`prepare` joins ``events`` with ``items`` and ``users``, orders and
+splits the events, fits id vocabularies on the train split only (index 0 = padding, 1 = out of
+vocabulary), builds each event's behaviour sequence from the same user's *strictly earlier* events,
+and writes one ``.npy`` file per column and split, plus ``meta.json`` (the feature map) and the
+vocabularies. The folder is named by a fingerprint of the source and the settings and is reused
+when neither changed. Nothing here loops over rows in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+
+from ctr.data.contract import ContractError, check_references, validate
+
+PREPARE_VERSION = 1  # bump when the artefact format or the preparation logic changes
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Tables:
+    """The canonical tables of one source. ``extra_events`` are extra evaluation logs (e.g. a
+    random-exposure log), each prepared as a split of its own with the train vocabularies."""
+
+    events: pl.DataFrame
+    items: pl.DataFrame | None = None
+    users: pl.DataFrame | None = None
+    extra_events: dict[str, pl.DataFrame] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # table -> file it came from (for errors)
+
+
+class Source(Protocol):
+    """A source adapter: a cheap fingerprint of its inputs and a loader of the canonical tables."""
+
+    name: str
+
+    def fingerprint(self) -> str: ...
+
+    def load(self) -> Tables: ...
+
+
+@dataclass
+class SequenceSpec:
+    max_len: int = 50
+    clicked_only: bool = False
+    side: list[str] = field(default_factory=list)  # item columns aligned with each history item
+
+
+@dataclass
+class PrepareSettings:
+    sparse: list[str]  # categorical features (columns of events, items or users)
+    dense: list[str] = field(default_factory=list)  # numeric features, standardised on train
+    sequence: SequenceSpec | None = field(default_factory=SequenceSpec)
+    split: str = "time"  # "time": ordered fractions; "user_last": each user's last events
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    user_last_n: int = 1
+    order: list[str] = field(default_factory=lambda: ["timestamp", "user_id", "item_id"])
+    min_count: int = 1  # values seen fewer times in train go to the out-of-vocabulary bucket
+    group_key: str = "user_id"  # GAUC groups
+    keep: list[str] = field(default_factory=list)  # evaluation-only columns (e.g. true_ctr)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sequence, dict):
+            self.sequence = SequenceSpec(**self.sequence)
+        self.fractions = tuple(float(f) for f in self.fractions)  # type: ignore[assignment]
+        if self.split not in ("time", "user_last"):
+            raise ValueError(f"split must be 'time' or 'user_last', got {self.split!r}")
+        if self.split == "time" and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9
+                                     or min(self.fractions) < 0):
+            raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {self.fractions}")
+        if self.sequence is not None and self.sequence.max_len < 1:
+            raise ValueError(f"sequence.max_len must be >= 1, got {self.sequence.max_len}")
+        overlap = set(self.sparse) & set(self.dense)
+        if overlap:
+            raise ValueError(f"features listed as both sparse and dense: {sorted(overlap)}")
+
+
+def file_fingerprint(*paths: str | os.PathLike) -> str:
+    """sha256 over the names and bytes of files (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def settings_fingerprint(source_fp: str, settings: PrepareSettings) -> str:
+    blob = json.dumps({"source": source_fp, "settings": asdict(settings), "v": PREPARE_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+def _join_tables(t: Tables, settings: PrepareSettings) -> pl.DataFrame:
+    """Validate the tables and return one frame of all events with a ``__split`` column."""
+    ev_name = t.names.get("events", "events")
+    events = validate(t.events, "events", ev_name)
+    frames = [events.with_columns(pl.lit("__main").alias("__split"))]
+    for name, extra in t.extra_events.items():
+        src = t.names.get(name, name)
+        extra = validate(extra, "events", src)
+        if extra.schema != events.schema:
+            raise ContractError(src, None, f"columns/dtypes {extra.schema} differ from the main log's")
+        frames.append(extra.with_columns(pl.lit(name).alias("__split")))
+    df = pl.concat(frames, how="vertical")
+    if t.items is not None:
+        items = validate(t.items, "items", t.names.get("items", "items"))
+        for name, frame in zip(["__main", *t.extra_events], frames):
+            check_references(frame, items, "item_id", t.names.get("events" if name == "__main" else name, name))
+        drop = [c for c in ("title", "image", "image_path") if c in items.columns]
+        clash = (set(items.columns) - {"item_id"} - set(drop)) & set(df.columns)
+        if clash:
+            raise ContractError(t.names.get("items", "items"), sorted(clash)[0],
+                                "column exists in both events and items")
+        df = df.join(items.drop(drop), on="item_id", how="left", maintain_order="left")
+    if t.users is not None:
+        users = validate(t.users, "users", t.names.get("users", "users"))
+        check_references(events, users, "user_id", ev_name)
+        df = df.join(users, on="user_id", how="left", maintain_order="left")
+    needed = set(settings.sparse) | set(settings.dense) | set(settings.keep) | set(settings.order)
+    if settings.sequence is not None:
+        needed |= set(settings.sequence.side)
+    missing = sorted(needed - set(df.columns))
+    if missing:
+        raise ContractError(ev_name, missing[0], f"feature column not found in events, items or users "
+                            f"(available: {sorted(set(df.columns) - {'__split'})})")
+    return df
+
+
+def _assign_splits(df: pl.DataFrame, s: PrepareSettings) -> pl.DataFrame:
+    """Order the main log by ``s.order`` and split it. Extra logs keep their own name."""
+    df = df.sort([pl.col("__split") != "__main", *s.order], maintain_order=True)
+    main = pl.col("__split") == "__main"
+    if s.split == "time":
+        n = df.filter(main).height
+        n_train, n_val = int(n * s.fractions[0]), int(n * (s.fractions[0] + s.fractions[1]))
+        r = pl.int_range(pl.len())
+        label = pl.when(r < n_train).then(pl.lit("train")).when(r < n_val).then(pl.lit("val")).otherwise(pl.lit("test"))
+    else:
+        k = s.user_last_n
+        rank_from_end = pl.int_range(pl.len()).reverse().over("user_id")
+        label = (pl.when(rank_from_end < k).then(pl.lit("test"))
+                 .when(rank_from_end < 2 * k).then(pl.lit("val")).otherwise(pl.lit("train")))
+    return df.with_columns(pl.when(main).then(label).otherwise(pl.col("__split")).alias("__split"))
+
+
+def _fit_vocab(train_values: pl.Series, min_count: int) -> pl.DataFrame:
+    """value -> index, most frequent first (ties broken by value); 0 is padding, 1 out of vocabulary."""
+    name = train_values.name
+    counts = (train_values.drop_nulls().value_counts(name="count")
+              .filter(pl.col("count") >= min_count)
+              .sort(["count", name], descending=[True, False]))
+    return counts.with_columns((pl.int_range(pl.len()) + 2).cast(pl.Int32).alias("index"))
+
+
+def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
+    encoded = values.replace_strict(vocab[values.name], vocab["index"], default=1, return_dtype=pl.Int32)
+    return encoded.fill_null(1).to_numpy()
+
+
+def _histories(uid: np.ndarray, ts: np.ndarray, pool: np.ndarray, codes: dict[str, np.ndarray],
+               max_len: int, chunk: int = 200_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """For each event, the codes of the same user's strictly earlier pool events, most recent first.
+
+    Vectorised: pool events sorted by (user, time); each event's history ends where its own
+    (user, time) key would be inserted, so events at the same timestamp never see each other.
+    """
+    _, ts_rank = np.unique(ts, return_inverse=True)
+    width = np.int64(ts_rank.max() + 2)
+    key = uid.astype(np.int64) * width + ts_rank.astype(np.int64)
+    pool_idx = np.flatnonzero(pool)
+    pool_idx = pool_idx[np.argsort(key[pool_idx], kind="stable")]
+    pool_key = key[pool_idx]
+    end = np.searchsorted(pool_key, key, side="left")
+    start = np.searchsorted(pool_key, uid.astype(np.int64) * width, side="left")
+    length = np.minimum(end - start, max_len).astype(np.int32)
+    out = {name: np.zeros((len(uid), max_len), dtype=np.int32) for name in codes}
+    pooled = {name: c[pool_idx] for name, c in codes.items()}
+    steps = np.arange(max_len)
+    for lo in range(0, len(uid), chunk):
+        hi = min(lo + chunk, len(uid))
+        valid = steps[None, :] < length[lo:hi, None]
+        idx = np.where(valid, end[lo:hi, None] - 1 - steps[None, :], 0)
+        for name, c in pooled.items():
+            out[name][lo:hi] = np.where(valid, c[idx] if len(c) else 0, 0)
+    return out, length
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Artefact:
+    path: Path
+    meta: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def split_dir(self, split: str) -> Path:
+        return self.path / split
+
+
+def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_name: str) -> dict:
+    t0 = time.perf_counter()
+    df = _assign_splits(_join_tables(t, s), s)
+    split_col = df["__split"].to_numpy()
+    is_train = split_col == "train"
+    if not is_train.any():
+        raise ValueError(f"{source_name}: the train split is empty ({df.height} events)")
+    features: dict[str, dict] = {}
+    codes: dict[str, np.ndarray] = {}
+    vocab_dir = out / "vocab"
+    vocab_dir.mkdir(parents=True)
+    seq_side = list(s.sequence.side) if s.sequence is not None else []
+    for name in dict.fromkeys([*s.sparse, *(["item_id"] if s.sequence else []), *seq_side]):
+        vocab = _fit_vocab(df[name].filter(pl.Series(is_train)), s.min_count)
+        vocab.write_parquet(vocab_dir / f"{name}.parquet")
+        codes[name] = _encode(df[name], vocab)
+        features[name] = {"vocab_size": vocab.height + 2, "oov_share": {}}
+    dense_stats = {}
+    dense = None
+    if s.dense:
+        cols = []
+        for name in s.dense:
+            col = df[name]
+            if not col.dtype.is_numeric():
+                raise ContractError(source_name, name, f"dense feature must be numeric, got {col.dtype}")
+            if col.null_count():
+                rows = df.with_row_index("__r").filter(pl.col(name).is_null())["__r"].head(5).to_list()
+                raise ContractError(source_name, name, "null value in a dense feature", rows)
+            x = col.cast(pl.Float64).to_numpy()
+            mu, sd = float(x[is_train].mean()), float(x[is_train].std()) or 1.0
+            dense_stats[name] = {"mean": mu, "std": sd}
+            cols.append(((x - mu) / sd).astype(np.float32))
+        dense = np.stack(cols, axis=1)
+    keep = {}
+    for name in s.keep:
+        col = df[name]
+        if col.dtype.is_temporal():
+            col = col.dt.epoch("us")
+        if not (col.dtype.is_numeric() or col.dtype == pl.Boolean) or col.null_count():
+            raise ContractError(source_name, name, f"evaluation column must be numeric without nulls, "
+                                f"got {col.dtype} with {col.null_count()} nulls")
+        keep[name] = col.to_numpy()
+    group_codes = df[s.group_key].rank("dense").cast(pl.Int64).to_numpy() - 1
+    label = df["clicked"].cast(pl.Float32).to_numpy()
+    ts = df["timestamp"].dt.epoch("us").to_numpy()
+    hist, hist_len = {}, None
+    if s.sequence is not None:
+        uid = df["user_id"].rank("dense").cast(pl.Int64).to_numpy()
+        pool = label > 0.5 if s.sequence.clicked_only else np.ones(len(label), dtype=bool)
+        hist, hist_len = _histories(uid, ts, pool, {n: codes[n] for n in ["item_id", *seq_side]},
+                                    s.sequence.max_len)
+    splits = {}
+    for split in dict.fromkeys([*SPLITS, *t.extra_events]):
+        m = split_col == split
+        d = out / split
+        d.mkdir()
+        np.save(d / "label.npy", label[m])
+        np.save(d / "group.npy", group_codes[m])
+        np.save(d / "timestamp_us.npy", ts[m])
+        for name in s.sparse:
+            np.save(d / f"sparse.{name}.npy", codes[name][m])
+        for name, h in hist.items():
+            np.save(d / f"hist.{name}.npy", h[m])
+        if hist_len is not None:
+            np.save(d / "hist_len.npy", hist_len[m])
+        if dense is not None:
+            np.save(d / "dense.npy", dense[m])
+        for name in s.keep:
+            np.save(d / f"extra.{name}.npy", keep[name][m])
+        n = int(m.sum())
+        splits[split] = {"rows": n, "ctr": float(label[m].mean()) if n else None,
+                         "groups": int(np.unique(group_codes[m]).size)}
+        for name in s.sparse:
+            features[name]["oov_share"][split] = float((codes[name][m] == 1).mean()) if n else None
+    return {
+        "fingerprint": fingerprint,
+        "source": source_name,
+        "settings": asdict(s),
+        "version": PREPARE_VERSION,
+        "sparse": {n: features[n] for n in s.sparse},
+        "vocab_sizes": {n: f["vocab_size"] for n, f in features.items()},
+        "sequence": None if s.sequence is None else {
+            "max_len": s.sequence.max_len, "features": ["item_id", *seq_side],
+            "clicked_only": s.sequence.clicked_only},
+        "dense": s.dense,
+        "dense_stats": dense_stats,
+        "keep": s.keep,
+        "splits": splits,
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def prepare(source: Source, settings: PrepareSettings, cache_dir: str | os.PathLike,
+            force: bool = False) -> Artefact:
+    """Return the artefact for (source, settings), building it only when it does not exist yet."""
+    fp = settings_fingerprint(source.fingerprint(), settings)
+    root = Path(cache_dir)
+    final = root / f"{source.name}-{fp}"
+    if (final / "meta.json").exists() and not force:
+        return Artefact(final, json.loads((final / "meta.json").read_text()))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{source.name}-{fp}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _build(source.load(), settings, tmp, fp, source.name)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written artefact in place
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Artefact(final, meta)
