@@ -1,0 +1,112 @@
+"""The Lightning module of the CTR stage: a thin wrapper that owns the loss, optimiser and metrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl_
+import torch
+from torch import nn
+
+from ctr.data.batch import Batch
+from ctr.metrics import ctr_metrics
+
+
+class CTRModule(pl_.LightningModule):
+    """BCE on logits; torchmetrics AUC / GAUC / logloss / calibration on val and every eval split.
+
+    ``eval_splits`` names the test dataloaders in order (e.g. ``["test", "test_random"]``); their
+    metrics are logged as ``<split>/<metric>``. Embedding tables get their own weight decay.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+                 embedding_weight_decay: float = 0.0, optimizer: str = "adam",
+                 eval_splits: tuple[str, ...] = ("test",)):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.eval_splits = list(eval_splits)
+        self.val_metrics = ctr_metrics("val/")
+        self.test_metrics = nn.ModuleList([ctr_metrics(f"{s}/") for s in self.eval_splits])
+        self.train_samples = 0
+        self.train_seconds = 0.0
+        self._t_prev: float | None = None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch)
+
+    # ---- training ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_prev is not None:  # data time since the previous step ended
+            self.train_seconds += now - self._t_prev
+        self._t_prev = now
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.loss_fn(logits, batch.label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}, "
+                                     f"batch {batch_idx}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self.train_seconds += now - self._t_prev  # type: ignore[operator]
+        self._t_prev = now
+        self.train_samples += len(batch)
+
+    def on_validation_start(self) -> None:
+        self._t_prev = None  # evaluation time is not training time
+
+    def on_train_epoch_start(self) -> None:
+        self._t_prev = None
+
+    @property
+    def train_samples_per_s(self) -> float:
+        return self.train_samples / self.train_seconds if self.train_seconds else float("nan")
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _update(self, metrics, batch: Batch) -> None:
+        probs = torch.sigmoid(self(batch).float())
+        metrics.update(probs, batch.label, groups=batch.group)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(self.test_metrics[dataloader_idx], batch)
+
+    def on_test_epoch_end(self) -> None:
+        for m in self.test_metrics:
+            self.log_dict(m.compute(), add_dataloader_idx=False)
+            m.reset()
+
+    # ---- optimiser --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        emb, decay, no_decay = [], [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if ".tables." in f".{name}" or name.startswith("embedding."):
+                emb.append(p)
+            elif p.ndim < 2:  # biases, norms, PReLU/Dice slopes
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        h = self.hparams
+        groups = [{"params": emb, "weight_decay": h.embedding_weight_decay},
+                  {"params": decay, "weight_decay": h.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if h.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=h.lr)
+        if h.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=h.lr)
+        raise ValueError(f"unknown optimizer {h.optimizer!r} (adam, adamw)")

@@ -1,0 +1,92 @@
+"""Model parts: the fused target attention equals DIN's plain formula; masks; Batch handling."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from ctr.data.batch import Batch, TensorStore
+from ctr.models import CTRModel, Dice, MeanPooling, TargetAttention
+
+
+def reference_din_scores(att: TargetAttention, q, k, mask):
+    """DIN's local activation unit written the plain way: MLP([q, k, q-k, q*k])."""
+    x = torch.cat([q[:, None].expand_as(k), k, q[:, None] - k, q[:, None] * k], -1)
+    h = att.first_act(att.first(x))
+    return att.rest(h).squeeze(-1) * mask
+
+
+@pytest.mark.parametrize("act", ["prelu", "dice", "relu"])
+def test_fused_target_attention_matches_reference(act):
+    torch.manual_seed(0)
+    att = TargetAttention(8, [16, 4], act=act).eval()
+    q, k = torch.randn(5, 8), torch.randn(5, 7, 8)
+    mask = torch.arange(7)[None] < torch.tensor([0, 1, 3, 7, 5])[:, None]
+    ref = reference_din_scores(att, q, k, mask)
+    torch.testing.assert_close(att.scores(q, k, mask), ref, rtol=1e-5, atol=1e-6)
+    out = att(q, k, mask)
+    torch.testing.assert_close(out, (ref[..., None] * k).sum(1), rtol=1e-5, atol=1e-6)
+    assert out[0].abs().sum() == 0  # an empty history pools to zero
+
+
+def test_softmax_attention_ignores_padding():
+    torch.manual_seed(0)
+    att = TargetAttention(4, [8], act="relu", normalize="softmax")
+    q, k = torch.randn(2, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    w = att.scores(q, k, mask)
+    assert torch.allclose(w[0].sum(), torch.tensor(1.0)) and w[0, 2] == 0 and (w[1] == 0).all()
+
+
+def test_mean_pooling_is_masked_mean():
+    k = torch.arange(12.0).reshape(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    assert torch.equal(MeanPooling(4)(None, k, mask), k[0, :2].mean(0, keepdim=True))
+
+
+def test_dice_running_stats():
+    torch.manual_seed(0)
+    d = Dice(3)
+    x = torch.randn(64, 10, 3) * 2 + 1
+    d.train()
+    y = d(x)
+    p = torch.sigmoid((x - x.mean((0, 1))) / x.reshape(-1, 3).std(0, unbiased=False))
+    torch.testing.assert_close(y, p * x, rtol=1e-4, atol=1e-5)  # alpha starts at 0
+    d.eval()
+    assert torch.isfinite(d(x)).all()
+    assert torch.allclose(d.running_mean, 0.1 * x.reshape(-1, 3).mean(0), atol=1e-5)
+
+
+def test_ctr_model_on_prepared_batch(tiny_sim):
+    store = TensorStore(tiny_sim.split_dir("train"))
+    batch = store[torch.arange(32)]
+    assert isinstance(batch, Batch) and len(batch) == 32
+    assert batch.seq["item_id"].shape == (32, 20) and batch.seq_len.shape == (32,)
+    for seq in (functools.partial(TargetAttention, hidden=[16, 8]), MeanPooling, None):
+        torch.manual_seed(0)
+        m = CTRModel(tiny_sim.meta, embedding_dim=8, sequence=seq, over_hidden=[16])
+        logits = m(batch)
+        assert logits.shape == (32,) and torch.isfinite(logits).all()
+        nn.functional.binary_cross_entropy_with_logits(logits, batch.label).backward()
+    moved = batch.to("cpu")
+    assert torch.equal(moved.sparse["item_id"], batch.sparse["item_id"])
+
+
+def test_id_dropout_trains_the_oov_row(tiny_sim):
+    store = TensorStore(tiny_sim.split_dir("train"))
+    batch = store[torch.arange(256)]
+    m = CTRModel(tiny_sim.meta, embedding_dim=4, sequence=None, over_hidden=[8], id_dropout={"user_id": 1.0})
+    m.train()
+    m(batch).sum().backward()
+    grad = m.embedding.tables["user_id"].weight.grad
+    assert grad[1].abs().sum() > 0 and grad[2:].abs().sum() == 0  # every id hidden as OOV
+    m.eval()
+    with pytest.raises(ValueError, match="unknown sparse features"):
+        CTRModel(tiny_sim.meta, id_dropout={"nope": 0.1})
+
+
+def test_sequence_feature_must_be_a_target_feature(tiny_sim):
+    meta = dict(tiny_sim.meta, sparse={k: v for k, v in tiny_sim.meta["sparse"].items() if k != "category"})
+    with pytest.raises(ValueError, match="category"):
+        CTRModel(meta, sequence=MeanPooling)

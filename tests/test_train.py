@@ -1,0 +1,63 @@
+"""Every experiment preset composes from the real configs and runs under fast_dev_run."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from ctr.train import format_table, train
+
+from conftest import data_dir
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_run(overrides, tmp_path, cache_dir):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "logger=csv"])
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(cache_dir)
+        if "SimulatorSource" in cfg.data.source._target_:
+            cfg.data.source.preset = "tiny"
+        if OmegaConf.is_missing(cfg, "name") or "hydra:" in str(cfg._get_node("name")._value()):
+            cfg.name = "test"
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_preset(experiment, tmp_path, cache_dir):
+    if not experiment.startswith("sim"):
+        data_dir()
+    cfg = compose_run([f"experiment={experiment}", "trainer.fast_dev_run=true"], tmp_path, cache_dir)
+    metrics = train(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["experiment"] == experiment
+    for split in ["val", *cfg.data.eval_splits]:
+        assert set(saved[split]) >= {"auc", "gauc", "logloss", "calibration", "ece"}
+    assert saved["data_fingerprint"] == metrics["data_fingerprint"]
+    assert saved["train_samples"] > 0 and saved["train_samples_per_s"] > 0
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and json.loads((run / "env.json").read_text())["packages"]["torch"]
+    assert "test" in format_table(metrics)
+
+
+def test_sim_reports_true_ctr_oracle(tmp_path, cache_dir):
+    cfg = compose_run(["experiment=sim_din", "trainer.fast_dev_run=true"], tmp_path, cache_dir)
+    metrics = train(cfg)
+    oracle = metrics["oracle"]["test_random"]
+    assert 0.6 < oracle["auc"] < 1.0 and abs(oracle["calibration"] - 1) < 0.2
+    assert "test_random (true_ctr oracle)" in format_table(metrics)
+
+
+@pytest.mark.slow
+def test_short_real_training_on_ml100k(tmp_path, cache_dir):
+    data_dir()
+    cfg = compose_run(["experiment=ml100k_dnn", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
+                      tmp_path, cache_dir)
+    metrics = train(cfg)
+    assert metrics["test"]["auc"] > 0.70 and metrics["test"]["gauc"] > 0.70
+    assert metrics["best_epoch"] is not None and Path(metrics["checkpoint"]).exists()
