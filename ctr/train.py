@@ -118,7 +118,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         "epochs": trainer.current_epoch,
         "train_samples": module.train_samples,
         "train_samples_per_s": module.train_samples_per_s,
-        "prepare_seconds": prepare_s,
+        "prepare_seconds": prepare_s,  # this run (0 when the artefact was cached)
+        "data_build_seconds": meta.get("prepare_seconds"),  # raw files -> tensors, when it was built
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in model.parameters()),
         "checkpoint": best,
