@@ -90,3 +90,12 @@ def test_sequence_feature_must_be_a_target_feature(tiny_sim):
     meta = dict(tiny_sim.meta, sparse={k: v for k, v in tiny_sim.meta["sparse"].items() if k != "category"})
     with pytest.raises(ValueError, match="category"):
         CTRModel(meta, sequence=MeanPooling)
+
+
+def test_memory_mapped_store_equals_in_memory(tiny_sim):
+    a = TensorStore(tiny_sim.split_dir("val"), in_memory=True)
+    b = TensorStore(tiny_sim.split_dir("val"), in_memory=False)
+    idx = torch.tensor([5, 0, 17, 3])
+    x, y = a[idx], b[idx]
+    assert torch.equal(x.label, y.label) and torch.equal(x.seq["category"], y.seq["category"])
+    assert torch.equal(x.extra["true_ctr"], y.extra["true_ctr"]) and len(a) == len(b)

@@ -1,4 +1,4 @@
 from ctr.models.ctr_model import CTRModel
-from ctr.models.parts import MLP, Dice, FeatureEmbedding, MeanPooling, TargetAttention
+from ctr.models.parts import MLP, ConcatPooling, Dice, FeatureEmbedding, MeanPooling, TargetAttention
 
-__all__ = ["CTRModel", "MLP", "Dice", "FeatureEmbedding", "MeanPooling", "TargetAttention"]
+__all__ = ["CTRModel", "ConcatPooling", "MLP", "Dice", "FeatureEmbedding", "MeanPooling", "TargetAttention"]

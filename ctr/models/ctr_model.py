@@ -43,7 +43,7 @@ class CTRModel(nn.Module):
         seq_dim = embedding_dim * len(self.seq_names)
         self.sequence = sequence(seq_dim) if self.seq_names else None
         n_dense = len(meta.get("dense") or [])
-        in_dim = embedding_dim * len(self.sparse_names) + (seq_dim if self.sequence else 0) + n_dense
+        in_dim = embedding_dim * len(self.sparse_names) + (self.sequence.out_dim if self.sequence else 0) + n_dense
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
 
     def _ids(self, name: str, ids: Tensor) -> Tensor:

@@ -156,3 +156,17 @@ class TargetAttention(nn.Module):
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         w = self.scores(query, keys, mask)
         return torch.bmm(w.unsqueeze(1), keys).squeeze(1)
+
+
+class ConcatPooling(nn.Module):
+    """Several sequence archs over the same history, their outputs concatenated
+    (e.g. target attention for the target-specific interest plus a masked mean for the user's
+    general profile, which does not grow with the history length)."""
+
+    def __init__(self, dim: int, parts: list):
+        super().__init__()
+        self.parts = nn.ModuleList([p(dim) for p in parts])
+        self.out_dim = sum(p.out_dim for p in self.parts)
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        return torch.cat([p(query, keys, mask) for p in self.parts], dim=-1)

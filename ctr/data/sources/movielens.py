@@ -9,13 +9,13 @@ strictly earlier item_ids (all ratings), the last 50, with the aligned first-gen
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from ctr.data.contract import ContractError
+from ctr.data.sources import data_path
 from ctr.data.prepare import PrepareSettings, SequenceSpec, Tables, file_fingerprint
 
 FILES = {"events": "ml-100k.inter", "items": "ml-100k.item", "users": "ml-100k.user"}
@@ -59,12 +59,7 @@ class MovieLens100K:
 
     @property
     def path(self) -> Path:
-        if self.root:
-            return Path(self.root)
-        base = os.environ.get("CTR_DATA_DIR")
-        if not base:
-            raise RuntimeError("CTR_DATA_DIR is not set: point it at the data folder (e.g. ../shared/data)")
-        return Path(base) / "movielens_100k"
+        return data_path(self.root, "movielens_100k")
 
     def fingerprint(self) -> str:
         return file_fingerprint(*(self.path / f for f in FILES.values())) + f"|thr={self.threshold}"

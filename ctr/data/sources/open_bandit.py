@@ -12,7 +12,6 @@ folders agree on item ids and on ``item_feature_0`` (checked on load).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import numpy as np
 import polars as pl
 
 from ctr.data.contract import ContractError
-from ctr.data.prepare import PrepareSettings, SequenceSpec, Tables, file_fingerprint
+from ctr.data.sources import data_path
+from ctr.data.prepare import PrepareSettings, Tables, file_fingerprint
 
 POLICIES = ("bts", "random")
 CAMPAIGNS = ("all", "men", "women")
@@ -52,12 +52,7 @@ class OpenBandit:
 
     @property
     def path(self) -> Path:
-        if self.root:
-            return Path(self.root)
-        base = os.environ.get("CTR_DATA_DIR")
-        if not base:
-            raise RuntimeError("CTR_DATA_DIR is not set: point it at the data folder (e.g. ../shared/data)")
-        return Path(base) / "open_bandit_small"
+        return data_path(self.root, "open_bandit_small")
 
     def _files(self) -> list[Path]:
         out = []
