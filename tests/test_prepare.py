@@ -136,3 +136,16 @@ def test_extra_eval_split_uses_train_vocab(tiny_sim):
     assert set(sp) == {"train", "val", "test", "test_random"}
     assert sp["test_random"]["rows"] == SimulatorSource("tiny").config().n_random_requests * 10
     assert np.load(tiny_sim.path / "test_random" / "extra.true_ctr.npy").shape == (sp["test_random"]["rows"],)
+
+
+def test_order_mode_lets_same_second_events_see_earlier_sorted_ones(tmp_path):
+    s = PrepareSettings(sparse=["user_id", "item_id"], sequence=SequenceSpec(3, False, [], earlier="order"),
+                        fractions=(0.6, 0.2, 0.2))
+    a = prepare(FrameSource(small_log()), s, tmp_path)
+    vocab = pl.read_parquet(a.path / "vocab" / "item_id.parquet")
+    code = dict(zip(vocab["item_id"], vocab["index"]))
+    train = np.load(a.path / "train" / "hist.item_id.npy")
+    # user 1 at 1h: item 11 sorts before item 12, so 12's history holds 11 (then 10)
+    assert train[1].tolist() == [code[10], 0, 0] and train[2].tolist() == [code[11], code[10], 0]
+    with pytest.raises(ValueError, match="earlier"):
+        SequenceSpec(earlier="later")

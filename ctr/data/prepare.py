@@ -55,6 +55,14 @@ class SequenceSpec:
     max_len: int = 50
     clicked_only: bool = False
     side: list[str] = field(default_factory=list)  # item columns aligned with each history item
+    # "time": only events with a strictly earlier timestamp (events in the same second never see
+    # each other); "order": every event earlier in the sort order of the log, so that of two
+    # same-second events the one sorted first is in the other's history
+    earlier: str = "time"
+
+    def __post_init__(self) -> None:
+        if self.earlier not in ("time", "order"):
+            raise ValueError(f"sequence.earlier must be 'time' or 'order', got {self.earlier!r}")
 
 
 @dataclass
@@ -174,10 +182,11 @@ def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
 
 def _histories(uid: np.ndarray, ts: np.ndarray, pool: np.ndarray, codes: dict[str, np.ndarray],
                max_len: int, chunk: int = 200_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """For each event, the codes of the same user's strictly earlier pool events, most recent first.
+    """For each event, the codes of the same user's earlier pool events, most recent first.
 
+    ``ts`` is the event time, or the event's rank in the sorted log for "earlier in the order".
     Vectorised: pool events sorted by (user, time); each event's history ends where its own
-    (user, time) key would be inserted, so events at the same timestamp never see each other.
+    (user, time) key would be inserted, so events with equal ``ts`` never see each other.
     """
     _, ts_rank = np.unique(ts, return_inverse=True)
     width = np.int64(ts_rank.max() + 2)
@@ -262,7 +271,8 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     if s.sequence is not None:
         uid = df["user_id"].rank("dense").cast(pl.Int64).to_numpy()
         pool = label > 0.5 if s.sequence.clicked_only else np.ones(len(label), dtype=bool)
-        hist, hist_len = _histories(uid, ts, pool, {n: codes[n] for n in ["item_id", *seq_side]},
+        when = ts if s.sequence.earlier == "time" else np.arange(len(ts))  # df is in log order
+        hist, hist_len = _histories(uid, when, pool, {n: codes[n] for n in ["item_id", *seq_side]},
                                     s.sequence.max_len)
     splits = {}
     for split in dict.fromkeys([*SPLITS, *t.extra_events]):

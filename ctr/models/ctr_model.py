@@ -18,7 +18,8 @@ class CTRModel(nn.Module):
     ``meta`` is the prepared artefact's feature map (``Artefact.meta``). ``sequence`` builds the
     sequence arch from its input width, e.g. ``functools.partial(TargetAttention, hidden=[64, 32])``
     or ``MeanPooling``; ``None`` ignores the history. ``id_dropout`` maps a sparse feature to the
-    probability of hiding its id (as out-of-vocabulary) in training. The query of the sequence arch is the target's
+    probability of hiding its id (as out-of-vocabulary) in training. ``wide`` adds a first-order term
+    (a learned scalar per id, summed over the sparse features) to the logit, as Wide & Deep does. The query of the sequence arch is the target's
     embeddings of the same features as the history (item_id and its side features).
     """
 
@@ -26,7 +27,8 @@ class CTRModel(nn.Module):
                  sequence: Callable[[int], nn.Module] | None = None,
                  over_hidden: list[int] = (200, 80), over_act: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, embedding_dropout: float = 0.0,
-                 init_std: float = 1e-2, id_dropout: dict[str, float] | None = None):
+                 init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
+                 wide: bool = False):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -44,6 +46,8 @@ class CTRModel(nn.Module):
         self.sequence = sequence(seq_dim) if self.seq_names else None
         n_dense = len(meta.get("dense") or [])
         in_dim = embedding_dim * len(self.sparse_names) + (self.sequence.out_dim if self.sequence else 0) + n_dense
+        # first-order ("wide") part: one learned scalar per id of each sparse feature
+        self.wide = FeatureEmbedding({n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0) if wide else None
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
 
     def _ids(self, name: str, ids: Tensor) -> Tensor:
@@ -68,4 +72,7 @@ class CTRModel(nn.Module):
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.over(self.features(batch)).squeeze(-1)
+        logit = self.over(self.features(batch)).squeeze(-1)
+        if self.wide is not None:
+            logit = logit + sum(self.wide(n, batch.sparse[n]) for n in self.sparse_names).squeeze(-1)
+        return logit
