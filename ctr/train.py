@@ -16,6 +16,10 @@ from importlib import metadata
 from pathlib import Path
 
 import ctr  # noqa: F401  (installs the torchvision import hook before lightning is imported)
+import warnings
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning 2.6 on torch 2.13, harmless
+warnings.filterwarnings("ignore", message=".*anonymous setting has no effect.*")
 import hydra
 import numpy as np
 import torch
@@ -168,7 +172,10 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     metrics = train(cfg)
     print(format_table(metrics))
