@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
 
+from ctr.data.contract import ContractError
 from ctr.data.sources import images as img
+from ctr.data.sources.catalogues import load_catalogue
 from ctr.data.sources.simulator import (
     EVENT_SCHEMA,
     ITEM_SCHEMA,
@@ -301,3 +305,141 @@ def test_cli_roundtrip(tmp_path):
     for name in FRAMES:
         assert getattr(back, name).equals(getattr(ref, name)), name
         assert getattr(back, name).schema == getattr(ref, name).schema, name
+
+
+# ---------------------------------------------------------------------------------------------
+# real catalogues (H&M, Fashion Product Images) from $CTR_DATA_DIR
+
+REAL_KW = dict(n_items=150, n_users=60, n_requests=1_500, n_random_requests=500)
+REAL_SIZE = {"hm": (192, 288), "fashion": (60, 80)}  # (width, height) of the photos
+REAL_CATEGORY = {"hm": "Trousers", "fashion": "Tshirts"}  # the most frequent category
+
+
+def _real_data_dir() -> Path:
+    d = Path(os.environ.get("CTR_DATA_DIR", "/nonexistent"))
+    if not (d / "hm_fashion_images_sample").is_dir() or not (d / "fashion_product_images_small").is_dir():
+        pytest.skip("$CTR_DATA_DIR/hm_fashion_images_sample (and fashion_product_images_small) absent")
+    return d
+
+
+@pytest.fixture(scope="module", params=["hm", "fashion"])
+def real(request) -> SimData:
+    _real_data_dir()
+    return simulate(SimConfig.preset("tiny", seed=5, catalogue=request.param, **REAL_KW))
+
+
+def test_real_catalogue_deterministic(real):
+    again = simulate(SimConfig.preset("tiny", seed=5, catalogue=real.config.catalogue, **REAL_KW))
+    for name in FRAMES:
+        assert getattr(real, name).equals(getattr(again, name)), name
+    other = simulate(SimConfig.preset("tiny", seed=6, catalogue=real.config.catalogue, **REAL_KW))
+    assert real.item_truth["source_id"].to_list() != other.item_truth["source_id"].to_list()
+
+
+def test_real_catalogue_items(real):
+    name, cat = real.config.catalogue, real.catalogue
+    assert dict(real.items.schema) == ITEM_SCHEMA
+    assert list(real.items.columns) == ["item_id", "category", "title", "image"]
+    assert real.items["item_id"].to_list() == list(range(REAL_KW["n_items"]))
+    # real photos, untouched: JPEG of the catalogue's size
+    for b in real.items["image"].head(10).to_list():
+        im = Image.open(io.BytesIO(b))
+        assert im.format == "JPEG" and im.size == REAL_SIZE[name]
+        assert np.asarray(im.convert("RGB")).std() > 5  # a photo, not a flat fill
+    assert real.items["image"].to_list() == cat.images
+    # real category names, matching the truth indices; distinct products with real titles
+    assert REAL_CATEGORY[name] in set(real.items["category"].to_list())
+    t = real.items.join(real.item_truth, on="item_id")
+    assert t["category"].to_list() == [cat.categories[j] for j in t["category_idx"].to_list()]
+    assert real.item_truth["source_id"].dtype == pl.Utf8
+    assert real.item_truth["source_id"].n_unique() == REAL_KW["n_items"]
+    if name == "hm":
+        assert all(len(s) == 10 for s in real.item_truth["source_id"].to_list())  # zero-padded
+    titles = real.items["title"].to_list()
+    assert all(titles) and len(set(titles)) > REAL_KW["n_items"] // 2
+    # effect tables are sized by the catalogue's levels
+    ut = real.user_truth
+    assert np.stack(ut["taste_category"].to_numpy()).shape[1] == len(cat.categories)
+    assert np.stack(ut["taste_colour"].to_numpy()).shape[1] == len(cat.colours)
+    assert np.stack(ut["taste_pattern"].to_numpy()).shape[1] == len(cat.patterns)
+    for col, levels in (("category_idx", cat.categories), ("colour_idx", cat.colours),
+                        ("pattern_idx", cat.patterns), ("shade_idx", cat.shades)):
+        v = real.item_truth[col].to_numpy()
+        assert v.min() >= 0 and v.max() < len(levels)
+
+
+def test_real_catalogue_click_model(real):
+    cfg, cat = real.config, real.catalogue
+    for log, n_req in (("events", cfg.n_requests), ("events_random", cfg.n_random_requests)):
+        ev = getattr(real, log)
+        assert dict(ev.schema) == EVENT_SCHEMA
+        assert ev.height == n_req * cfg.k
+        assert ev["position"].min() == 1 and ev["position"].max() == cfg.k
+        p = ev["true_ctr"].to_numpy()
+        assert np.all((p > 0) & (p < 1))
+        assert (ev["item_id"] != ev["query_item_id"]).all()
+    # true_ctr is the documented model on the real attributes and the photo-based colour similarity
+    it, ut = real.item_truth, real.user_truth
+    c, co, pa, sh = (it[k].to_numpy() for k in ("category_idx", "colour_idx", "pattern_idx", "shade_idx"))
+    lpop = np.log(cfg.n_items * it["popularity"].to_numpy())
+    tc, tco, tp = (np.stack(ut[k].to_numpy()) for k in ("taste_category", "taste_colour", "taste_pattern"))
+    ev = real.events
+    u, i, q = ev["user_id"].to_numpy(), ev["item_id"].to_numpy(), ev["query_item_id"].to_numpy()
+    rel = (cfg.rel_w_category * (c[q] == c[i]) + cfg.rel_w_colour * cat.csim[co[q], co[i]]
+           + cfg.rel_w_pattern * (pa[q] == pa[i]) + cfg.rel_w_shade * (sh[q] == sh[i]))
+    z = (cfg.click_bias + cfg.w_rel * rel + cfg.w_taste * (tc[u, c[i]] + tco[u, co[i]] + tp[u, pa[i]])
+         + cfg.w_attr * it["attractiveness"].to_numpy()[i] + cfg.w_exposure * lpop[i])
+    p = ev["position"].to_numpy().astype(float) ** -cfg.position_eta / (1 + np.exp(-z))
+    np.testing.assert_allclose(ev["true_ctr"].to_numpy(), p, rtol=1e-9)
+    assert 0.02 < ev["clicked"].mean() < 0.3
+
+
+def test_load_catalogue_levels_and_colours():
+    d = _real_data_dir()
+    hm = load_catalogue("hm", 300, np.random.default_rng(0), d)
+    again = load_catalogue("hm", 300, np.random.default_rng(0), d)
+    assert hm.source_ids == again.source_ids and np.array_equal(hm.csim, again.csim)
+    assert len(hm) == 300 and len(hm.categories) == 12 and hm.categories[0] == "Trousers"
+    assert len(hm.colours) <= 13 and len(hm.patterns) <= 7 and len(hm.shades) <= 5
+    assert {"Black", "White"} <= set(hm.colours) and "Solid" in hm.patterns and "Dark" in hm.shades
+    assert hm.csim.shape == (len(hm.colours),) * 2
+    assert np.allclose(np.diag(hm.csim), 1) and np.allclose(hm.csim, hm.csim.T)
+    assert (hm.csim >= 0).all() and (hm.csim <= 1).all()
+    rgb = dict(zip(hm.colours, hm.colour_rgb))
+    assert rgb["Black"].mean() + 80 < rgb["White"].mean()  # measured from the photos
+    fa = load_catalogue("fashion", 100, np.random.default_rng(0), d / "fashion_product_images_small")
+    assert fa.categories[0] == "Tshirts" and "Casual" in fa.patterns and "Summer" in fa.shades
+    assert all(isinstance(s, str) and s.isdigit() for s in fa.source_ids)
+
+
+def test_real_catalogue_errors(tmp_path):
+    d = _real_data_dir()
+    with pytest.raises(ValueError, match="unknown catalogue"):
+        SimConfig.preset("tiny", catalogue="amazon")
+    with pytest.raises(ValueError, match="unknown catalogue"):
+        load_catalogue("amazon", 10, np.random.default_rng(0), d)
+    with pytest.raises(ValueError, match="n_items=100000"):
+        load_catalogue("hm", 100_000, np.random.default_rng(0), d)
+    with pytest.raises(ValueError, match="n_items=50000"):
+        simulate(SimConfig.preset("tiny", catalogue="fashion", n_items=50_000))
+    with pytest.raises(FileNotFoundError, match="articles.csv"):
+        load_catalogue("hm", 10, np.random.default_rng(0), tmp_path)
+    # a missing column is named with its file
+    bad = tmp_path / "hm_fashion_images_sample"
+    bad.mkdir()
+    (bad / "images.parquet").symlink_to(d / "hm_fashion_images_sample" / "images.parquet")
+    pl.read_csv(d / "hm_fashion_images_sample" / "articles.csv", infer_schema=False, n_rows=20).drop(
+        "colour_group_name").write_csv(bad / "articles.csv")
+    with pytest.raises(ContractError, match=r"articles\.csv.*colour_group_name"):
+        load_catalogue("hm", 10, np.random.default_rng(0), tmp_path)
+
+
+def test_cli_real_catalogue(tmp_path):
+    _real_data_dir()
+    out = tmp_path / "sim"
+    main(["--out", str(out), "--preset", "tiny", "--catalogue", "fashion", "--n-items", "120",
+          "--n-users", "30", "--n-requests", "300", "--n-random-requests", "50", "--quiet"])
+    back = load(out)
+    assert back.config.catalogue == "fashion"
+    assert back.item_truth["source_id"].dtype == pl.Utf8
+    assert Image.open(io.BytesIO(back.items["image"][0])).format == "JPEG"

@@ -70,12 +70,31 @@ with ``"logit"`` ``true_ctr = sigmoid(z - position_eta * log(pos))``. ``clicked 
 Bernoulli(true_ctr)``. The ``w_exposure`` term is the exposure bias ("herding" bonus of already
 popular items), which the production policy confounds with position and relevance.
 
+Real catalogues (``catalogue = "hm"`` or ``"fashion"``; default ``"procedural"``, everything above).
+The items are ``n_items`` real products sampled by :func:`catalogues.load_catalogue` from
+``$CTR_DATA_DIR`` (H&M: ``hm_fashion_images_sample/``; Fashion Product Images:
+``fashion_product_images_small/``) instead of drawn attributes. Their metadata become the four
+attributes: category = H&M ``product_type_name`` / Fashion ``articleType``, colour =
+``colour_group_name`` / ``baseColour``, pattern = ``graphical_appearance_name`` / ``usage``, shade =
+``perceived_colour_value_name`` / ``season`` (the 12, 12, 6 and 4 most frequent values; products of
+other categories are not sampled, other colour/pattern/shade values form an ``"other"`` level). The
+effect tables, the taste prototypes and the relevance are sized by and computed from those levels, so
+attractiveness and taste are functions of the real attributes, and ``S`` is the same Gaussian kernel
+on each colour level's mean RGB measured from its photos; the world, users, requests, both policies
+and the click model are unchanged. ``image`` holds the original product photo (JPEG, 192x288 for
+H&M, 60x80 for Fashion; ``image_size``, ``pattern_probs`` and ``shade_probs`` are ignored), ``title``
+the real text (H&M ``prod_name`` + the first sentence of ``detail_desc``; Fashion
+``productDisplayName``), ``category`` the real category name, and ``item_truth`` gains ``source_id``
+(the original ``article_id`` / ``id``). The sample is drawn with the ``items`` generator, so it is
+deterministic per seed. With ``"procedural"`` the output is exactly what it was before the knob.
+
 Outputs (see :class:`SimData`): ``items``, ``users``, ``events``, ``events_random``, plus the
 ground truth ``item_truth`` and ``user_truth`` (for tests and analysis only, never features).
 
 CLI: ``python -m ctr.data.sources.simulator --out DIR [--preset tiny|default|large] [--seed N]
-[--n-items ...]`` writes ``items.parquet``, ``users.parquet``, ``events.parquet``,
-``events_random.parquet``, ``item_truth.parquet``, ``user_truth.parquet`` and ``sim_config.json``.
+[--n-items ...] [--catalogue procedural|hm|fashion]`` writes ``items.parquet``, ``users.parquet``,
+``events.parquet``, ``events_random.parquet``, ``item_truth.parquet``, ``user_truth.parquet`` and
+``sim_config.json``.
 """
 
 from __future__ import annotations
@@ -92,6 +111,7 @@ import numpy as np
 import polars as pl
 
 from ctr.data.sources import images as img
+from ctr.data.sources.catalogues import CATALOGUES, Catalogue, catalogue_files, load_catalogue
 
 SIM_VERSION = 1  # bump when the generative model changes, so prepared artefacts are rebuilt
 
@@ -199,6 +219,8 @@ class SimConfig:
     w_exposure: float = 0.15
     position_bias_mode: str = "examination"  # "examination" | "logit"
     position_eta: float = 0.7
+    # --- catalogue ---
+    catalogue: str = "procedural"  # "procedural" | "hm" | "fashion" (real photos from $CTR_DATA_DIR)
 
     def __post_init__(self) -> None:
         self.pattern_probs = tuple(float(x) for x in self.pattern_probs)
@@ -207,6 +229,9 @@ class SimConfig:
             raise ValueError(f"pattern_probs needs {len(img.PATTERNS)} entries")
         if len(self.shade_probs) != len(img.SHADES):
             raise ValueError(f"shade_probs needs {len(img.SHADES)} entries")
+        if self.catalogue not in ("procedural", *CATALOGUES):
+            raise ValueError(f"unknown catalogue {self.catalogue!r}; choose from "
+                             f"{['procedural', *CATALOGUES]}")
         if self.position_bias_mode not in ("examination", "logit"):
             raise ValueError("position_bias_mode must be 'examination' or 'logit'")
         if self.k < 1 or self.k >= self.n_items:
@@ -257,6 +282,9 @@ class SimData:
     config: SimConfig
     user_truth: pl.DataFrame | None = None
     timings: dict = field(default_factory=dict, compare=False, repr=False)
+    #: the real catalogue (level names, colour similarity, ...) when ``config.catalogue`` is one;
+    #: not saved by :meth:`save`
+    catalogue: Catalogue | None = field(default=None, compare=False, repr=False)
 
     def save(self, out: str | Path) -> Path:
         """Write the tables (parquet) and ``sim_config.json`` into ``out``."""
@@ -365,8 +393,18 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
     names = ("world", "items", "images", "users", "requests", "policy", "clicks", "random")
     rngs = dict(zip(names, (np.random.default_rng(s) for s in
                             np.random.SeedSequence(cfg.seed).spawn(len(names)))))
-    n_cat, n_col, n_pat, n_sh = len(img.CATEGORIES), len(img.COLOURS), len(img.PATTERNS), len(img.SHADES)
     n, k = cfg.n_items, cfg.k
+    real: Catalogue | None = None
+    if cfg.catalogue == "procedural":
+        cat_names = img.CATEGORIES
+        n_cat, n_col, n_pat, n_sh = len(img.CATEGORIES), len(img.COLOURS), len(img.PATTERNS), len(img.SHADES)
+    else:  # a real catalogue: sampled with the items generator, before any other draw from it
+        t = time.perf_counter()
+        real = load_catalogue(cfg.catalogue, n, rngs["items"], colour_sim_scale=cfg.colour_sim_scale)
+        timings["catalogue"] = time.perf_counter() - t
+        cat_names = tuple(real.categories)
+        n_cat, n_col = len(real.categories), len(real.colours)
+        n_pat, n_sh = len(real.patterns), len(real.shades)
 
     # ---- world: effect tables ----
     rw = rngs["world"]
@@ -384,10 +422,13 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
 
     # ---- items ----
     ri = rngs["items"]
-    cat = ri.integers(0, n_cat, n)
-    col = ri.integers(0, n_col, n)
-    pat = ri.choice(n_pat, size=n, p=np.asarray(cfg.pattern_probs) / sum(cfg.pattern_probs))
-    sh = ri.choice(n_sh, size=n, p=np.asarray(cfg.shade_probs) / sum(cfg.shade_probs))
+    if real is None:
+        cat = ri.integers(0, n_cat, n)
+        col = ri.integers(0, n_col, n)
+        pat = ri.choice(n_pat, size=n, p=np.asarray(cfg.pattern_probs) / sum(cfg.pattern_probs))
+        sh = ri.choice(n_sh, size=n, p=np.asarray(cfg.shade_probs) / sum(cfg.shade_probs))
+    else:
+        cat, col, pat, sh = real.cat, real.col, real.pat, real.sh
     attract = (a_col[col] + a_pat[pat] + a_cp[col, pat] + a_cat[cat] + a_sh[sh]
                + ri.normal(0, cfg.attr_noise_sd, n))
     noisy = attract + ri.normal(0, cfg.pop_noise_sd, n)
@@ -396,16 +437,18 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
     pop = pop_rank.astype(np.float64) ** -cfg.pop_zipf_s
     pop /= pop.sum()
     lpop = np.log(n * pop)
-    titles = _titles(cat, col, pat, sh, ri)
-
-    t = time.perf_counter()
-    pngs = img.render_catalogue(cat, col, pat, sh, rngs["images"], size=cfg.image_size)
-    timings["images"] = time.perf_counter() - t
+    if real is None:
+        titles = _titles(cat, col, pat, sh, ri)
+        t = time.perf_counter()
+        pngs = img.render_catalogue(cat, col, pat, sh, rngs["images"], size=cfg.image_size)
+        timings["images"] = time.perf_counter() - t
+    else:
+        titles, pngs = real.titles, real.images  # the real photos (JPEG), untouched
 
     items = pl.DataFrame(
         {
             "item_id": pl.Series(np.arange(n, dtype=np.int64)),
-            "category": pl.Series(np.asarray(img.CATEGORIES, dtype=object)[cat].tolist(), dtype=pl.Utf8),
+            "category": pl.Series(np.asarray(cat_names, dtype=object)[cat].tolist(), dtype=pl.Utf8),
             "title": pl.Series(titles, dtype=pl.Utf8),
             "image": pl.Series(pngs, dtype=pl.Binary),
         }
@@ -422,6 +465,8 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
             "pop_rank": pop_rank,
         }
     )
+    if real is not None:
+        item_truth = item_truth.with_columns(source_id=pl.Series(real.source_ids, dtype=pl.Utf8))
 
     # ---- users ----
     ru = rngs["users"]
@@ -457,7 +502,7 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
         return t_cat[u, cat[i]] + t_col[u, col[i]] + t_pat[u, pat[i]]
 
     # ---- relevance by query group (category, colour, pattern, shade) ----
-    csim = img.colour_similarity(cfg.colour_sim_scale)
+    csim = img.colour_similarity(cfg.colour_sim_scale) if real is None else real.csim
     group = ((cat * n_col + col) * n_pat + pat) * n_sh + sh
     groups, g_item = np.unique(group, return_inverse=True)  # g_item: group row of each item
     g_sh = groups % n_sh
@@ -562,7 +607,8 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
     timings["total"] = time.perf_counter() - t0
 
     return SimData(items=items, users=users, events=events, events_random=events_random,
-                   item_truth=item_truth, config=cfg, user_truth=user_truth, timings=timings)
+                   item_truth=item_truth, config=cfg, user_truth=user_truth, timings=timings,
+                   catalogue=real)
 
 
 def _titles(cat, col, pat, sh, rng: np.random.Generator) -> list[str]:
@@ -609,6 +655,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--days", type=float, default=None)
     ap.add_argument("--random-days", type=float, default=None)
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--catalogue", choices=["procedural", *CATALOGUES], default=None,
+                    help="item catalogue: procedural images (default) or real photos from $CTR_DATA_DIR")
     ap.add_argument("--quiet", action="store_true")
     return ap
 
@@ -616,7 +664,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
     over = {k: getattr(args, k) for k in ("seed", "n_items", "n_users", "n_requests", "k",
-                                          "n_random_requests", "days", "random_days", "image_size")}
+                                          "n_random_requests", "days", "random_days", "image_size",
+                                          "catalogue")}
     cfg = SimConfig.preset(args.preset, **over)
     data = simulate(cfg)
     out = data.save(args.out)
@@ -640,8 +689,9 @@ if __name__ == "__main__":
 @dataclass
 class SimulatorSource:
     """Generates the data on load; its fingerprint is the generator config, so a prepared
-    artefact is reused without simulating again. The random-exposure log becomes the extra
-    evaluation split ``test_random``."""
+    artefact is reused without simulating again (for a real catalogue, ``overrides:
+    {catalogue: hm}``, the catalogue's files are part of it). The random-exposure log becomes the
+    extra evaluation split ``test_random``."""
 
     preset: str = "default"
     seed: int = 0
@@ -652,14 +702,22 @@ class SimulatorSource:
         return SimConfig.preset(self.preset, seed=self.seed, **self.overrides)
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"config": self.config().to_dict(), "version": SIM_VERSION}, sort_keys=True, default=str)
+        cfg = self.config().to_dict()
+        if cfg["catalogue"] == "procedural":
+            del cfg["catalogue"]  # the procedural data predate the knob: keep their fingerprints
+        else:  # a real catalogue: its files are inputs too
+            from ctr.data.prepare import file_fingerprint
+
+            cfg["catalogue_files"] = file_fingerprint(*catalogue_files(cfg["catalogue"]))
+        blob = json.dumps({"config": cfg, "version": SIM_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def load(self) -> "Tables":
         from ctr.data.prepare import Tables
 
         d = simulate(self.config())
-        where = f"simulator({self.preset}, seed={self.seed})"
+        cat = d.config.catalogue
+        where = f"simulator({self.preset}, seed={self.seed}{'' if cat == 'procedural' else ', ' + cat})"
         return Tables(events=d.events, items=d.items, users=d.users,
                       extra_events={"test_random": d.events_random},
                       names={"events": f"{where}.events", "items": f"{where}.items",
