@@ -149,3 +149,15 @@ def test_order_mode_lets_same_second_events_see_earlier_sorted_ones(tmp_path):
     assert train[1].tolist() == [code[10], 0, 0] and train[2].tolist() == [code[11], code[10], 0]
     with pytest.raises(ValueError, match="earlier"):
         SequenceSpec(earlier="later")
+
+
+def test_per_feature_min_count(tmp_path):
+    s = PrepareSettings(sparse=["user_id", "item_id"], sequence=None, min_count={"item_id": 2},
+                        fractions=(0.6, 0.2, 0.2))
+    a = prepare(FrameSource(small_log()), s, tmp_path)
+    items = pl.read_parquet(a.path / "vocab" / "item_id.parquet")
+    users = pl.read_parquet(a.path / "vocab" / "user_id.parquet")
+    assert items["item_id"].to_list() == [10]  # the only item seen twice in train
+    assert sorted(users["user_id"].to_list()) == [1, 2]  # users keep min_count 1
+    train_items = np.load(a.path / "train" / "sparse.item_id.npy")
+    assert (train_items == 1).sum() == 4  # rare train items are out of vocabulary in train too

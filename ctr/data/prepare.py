@@ -74,7 +74,9 @@ class PrepareSettings:
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     user_last_n: int = 1
     order: list[str] = field(default_factory=lambda: ["timestamp", "user_id", "item_id"])
-    min_count: int = 1  # values seen fewer times in train go to the out-of-vocabulary bucket
+    # values seen fewer times in train go to the out-of-vocabulary id 1; an int for every feature
+    # or {feature: count} (others 1), e.g. {user_id: 20} so that the OOV row learns rare users
+    min_count: int | dict[str, int] = 1
     group_key: str = "user_id"  # GAUC groups
     keep: list[str] = field(default_factory=list)  # evaluation-only columns (e.g. true_ctr)
 
@@ -235,7 +237,8 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     vocab_dir.mkdir(parents=True)
     seq_side = list(s.sequence.side) if s.sequence is not None else []
     for name in dict.fromkeys([*s.sparse, *(["item_id"] if s.sequence else []), *seq_side]):
-        vocab = _fit_vocab(df[name].filter(pl.Series(is_train)), s.min_count)
+        mc = s.min_count.get(name, 1) if isinstance(s.min_count, dict) else s.min_count
+        vocab = _fit_vocab(df[name].filter(pl.Series(is_train)), mc)
         vocab.write_parquet(vocab_dir / f"{name}.parquet")
         codes[name] = _encode(df[name], vocab)
         features[name] = {"vocab_size": vocab.height + 2, "oov_share": {}}
