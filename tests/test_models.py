@@ -99,3 +99,20 @@ def test_memory_mapped_store_equals_in_memory(tiny_sim):
     x, y = a[idx], b[idx]
     assert torch.equal(x.label, y.label) and torch.equal(x.seq["category"], y.seq["category"])
     assert torch.equal(x.extra["true_ctr"], y.extra["true_ctr"]) and len(a) == len(b)
+
+
+def test_wide_term_and_length_feature(tiny_sim):
+    store = TensorStore(tiny_sim.split_dir("train"))
+    batch = store[torch.arange(64)]
+    torch.manual_seed(0)
+    base = CTRModel(tiny_sim.meta, embedding_dim=4, sequence=MeanPooling, over_hidden=[8], wide=True,
+                    length_feature=True).eval()
+    assert base.over.net[0].in_features == 4 * len(tiny_sim.meta["sparse"]) + 8 + 1
+    out = base(batch)
+    with torch.no_grad():  # the wide term is added to the logit: one scalar per id
+        base.wide.tables["item_id"].weight.add_(1.0)
+    torch.testing.assert_close(base(batch), out + 1.0)
+    before = base(batch)
+    with torch.no_grad():  # the last over-arch input is log1p(history length) / log1p(max_len)
+        base.over.net[0].weight[:, -1] = 0
+    assert (batch.seq_len > 0).any() and not torch.equal(base(batch), before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -19,8 +20,10 @@ class CTRModel(nn.Module):
     sequence arch from its input width, e.g. ``functools.partial(TargetAttention, hidden=[64, 32])``
     or ``MeanPooling``; ``None`` ignores the history. ``id_dropout`` maps a sparse feature to the
     probability of hiding its id (as out-of-vocabulary) in training. ``wide`` adds a first-order term
-    (a learned scalar per id, summed over the sparse features) to the logit, as Wide & Deep does. The query of the sequence arch is the target's
-    embeddings of the same features as the history (item_id and its side features).
+    (a learned scalar per id, summed over the sparse features) to the logit, as Wide & Deep does.
+    ``length_feature`` feeds the (log) history length to the over-arch. The query of the sequence
+    arch is the target's embeddings of the same features as the history (item_id and its side
+    features).
     """
 
     def __init__(self, meta: dict, embedding_dim: int = 32,
@@ -28,7 +31,7 @@ class CTRModel(nn.Module):
                  over_hidden: list[int] = (200, 80), over_act: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, embedding_dropout: float = 0.0,
                  init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
-                 wide: bool = False):
+                 wide: bool = False, length_feature: bool = False):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -45,7 +48,10 @@ class CTRModel(nn.Module):
         seq_dim = embedding_dim * len(self.seq_names)
         self.sequence = sequence(seq_dim) if self.seq_names else None
         n_dense = len(meta.get("dense") or [])
-        in_dim = embedding_dim * len(self.sparse_names) + (self.sequence.out_dim if self.sequence else 0) + n_dense
+        self.length_feature = length_feature and self.sequence is not None
+        self.max_len = meta["sequence"]["max_len"] if self.sequence is not None else 1
+        in_dim = (embedding_dim * len(self.sparse_names) + (self.sequence.out_dim if self.sequence else 0)
+                  + n_dense + int(self.length_feature))
         # first-order ("wide") part: one learned scalar per id of each sparse feature
         self.wide = FeatureEmbedding({n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0) if wide else None
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
@@ -68,6 +74,9 @@ class CTRModel(nn.Module):
             keys = torch.cat([self.embedding(n, batch.seq[n]) for n in self.seq_names], dim=-1)
             mask = sequence_mask(batch.seq_len, keys.shape[1])
             parts.append(self.sequence(query, keys, mask))
+            if self.length_feature:  # log history length, scaled to [0, 1]
+                n = batch.seq_len.to(keys.dtype).clamp_min(0)
+                parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
         x = self.embedding_dropout(torch.cat(parts, dim=-1))
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
