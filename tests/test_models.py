@@ -116,3 +116,13 @@ def test_wide_term_and_length_feature(tiny_sim):
     with torch.no_grad():  # the last over-arch input is log1p(history length) / log1p(max_len)
         base.over.net[0].weight[:, -1] = 0
     assert (batch.seq_len > 0).any() and not torch.equal(base(batch), before)
+
+
+def test_history_tables_can_be_separate(tiny_sim):
+    batch = TensorStore(tiny_sim.split_dir("train"))[torch.arange(32)]
+    m = CTRModel(tiny_sim.meta, embedding_dim=4, sequence=MeanPooling, share_history_tables=False)
+    assert {"hist__item_id", "hist__category"} <= set(m.embedding.tables)
+    m(batch).sum().backward()
+    assert m.embedding.tables["hist__item_id"].weight.grad.abs().sum() > 0
+    shared = CTRModel(tiny_sim.meta, embedding_dim=4, sequence=MeanPooling)
+    assert not any(n.startswith("hist__") for n in shared.embedding.tables)

@@ -21,7 +21,8 @@ class CTRModel(nn.Module):
     or ``MeanPooling``; ``None`` ignores the history. ``id_dropout`` maps a sparse feature to the
     probability of hiding its id (as out-of-vocabulary) in training. ``wide`` adds a first-order term
     (a learned scalar per id, summed over the sparse features) to the logit, as Wide & Deep does.
-    ``length_feature`` feeds the (log) history length to the over-arch. The query of the sequence
+    ``length_feature`` feeds the (log) history length to the over-arch. ``share_history_tables``
+    (default) embeds history items with the target's tables; False gives them tables of their own. The query of the sequence
     arch is the target's embeddings of the same features as the history (item_id and its side
     features).
     """
@@ -31,7 +32,7 @@ class CTRModel(nn.Module):
                  over_hidden: list[int] = (200, 80), over_act: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, embedding_dropout: float = 0.0,
                  init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
-                 wide: bool = False, length_feature: bool = False):
+                 wide: bool = False, length_feature: bool = False, share_history_tables: bool = True):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -43,7 +44,11 @@ class CTRModel(nn.Module):
         unknown = sorted(set(self.id_dropout) - set(self.sparse_names))
         if unknown:
             raise ValueError(f"id_dropout names unknown sparse features {unknown}; known: {self.sparse_names}")
-        self.embedding = FeatureEmbedding(meta["vocab_sizes"], embedding_dim, init_std)
+        tables = dict(meta["vocab_sizes"])
+        self.hist_prefix = "" if share_history_tables else "hist__"
+        if not share_history_tables:  # history items get tables of their own
+            tables.update({f"hist__{n}": meta["vocab_sizes"][n] for n in self.seq_names})
+        self.embedding = FeatureEmbedding(tables, embedding_dim, init_std)
         self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout > 0 else nn.Identity()
         seq_dim = embedding_dim * len(self.seq_names)
         self.sequence = sequence(seq_dim) if self.seq_names else None
@@ -71,7 +76,7 @@ class CTRModel(nn.Module):
         parts = [emb[n] for n in self.sparse_names]
         if self.sequence is not None:
             query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
-            keys = torch.cat([self.embedding(n, batch.seq[n]) for n in self.seq_names], dim=-1)
+            keys = torch.cat([self.embedding(self.hist_prefix + n, batch.seq[n]) for n in self.seq_names], dim=-1)
             mask = sequence_mask(batch.seq_len, keys.shape[1])
             parts.append(self.sequence(query, keys, mask))
             if self.length_feature:  # log history length, scaled to [0, 1]
