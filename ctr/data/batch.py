@@ -57,8 +57,8 @@ class TensorStore(torch.utils.data.Dataset):
 
     ``store[indices]`` (a 1-D tensor or list of row indices) returns a :class:`Batch` by index
     slicing: there is no per-row Python. Use it with a ``BatchSampler`` and ``batch_size=None``.
-    ``in_memory=True`` copies the columns into RAM (faster random access; the default for
-    small splits).
+    ``in_memory=True`` (the default) reads the columns into RAM; ``False`` memory-maps them, for
+    splits larger than memory.
     """
 
     def __init__(self, split_dir: str | Path, in_memory: bool = True, extra: tuple[str, ...] | None = None):
