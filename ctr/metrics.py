@@ -81,12 +81,17 @@ def group_auc(preds: Tensor, target: Tensor, groups: Tensor, n_groups: int) -> t
     return auc, count
 
 
-class AUC(Metric):
-    """Exact binary ROC-AUC (Mann-Whitney, ties count 1/2). NaN if only one class was seen."""
+class _CTRMetric(Metric):
+    """Shared torchmetrics flags: evaluation-only, no full-state update needed."""
 
     is_differentiable = False
-    higher_is_better = True
     full_state_update = False
+
+
+class AUC(_CTRMetric):
+    """Exact binary ROC-AUC (Mann-Whitney, ties count 1/2). NaN if only one class was seen."""
+
+    higher_is_better = True
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -106,16 +111,14 @@ class AUC(Metric):
         return auc[0].float()
 
 
-class GAUC(Metric):
+class GAUC(_CTRMetric):
     """Group (per-user) AUC: impression-weighted mean of per-group AUC over groups with both classes.
 
     Weight of a group = its number of impressions. Ties within a group count 1/2.
     NaN if no group has both classes.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -150,12 +153,10 @@ class GAUC(Metric):
         return ((auc[valid] * w).sum() / w.sum()).float()
 
 
-class LogLoss(Metric):
+class LogLoss(_CTRMetric):
     """Mean binary cross-entropy of probabilities clamped to [eps, 1 - eps]. NaN if no data."""
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, eps: float = 1e-7, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -173,12 +174,10 @@ class LogLoss(Metric):
         return (self.sum_loss / self.count).float()  # 0/0 = NaN when empty
 
 
-class CalibrationRatio(Metric):
+class CalibrationRatio(_CTRMetric):
     """Predicted over observed CTR: sum(preds) / sum(target). 1 is perfect; NaN if no positives."""
 
-    is_differentiable = False
     higher_is_better = None
-    full_state_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -196,16 +195,14 @@ class CalibrationRatio(Metric):
         return (self.sum_pred / self.sum_target).float()
 
 
-class ExpectedCalibrationError(Metric):
+class ExpectedCalibrationError(_CTRMetric):
     """ECE over ``n_bins`` equal-width bins of [0, 1]: sum_b n_b/N * |mean pred_b - mean target_b|.
 
     Bin b holds b/n_bins <= p < (b+1)/n_bins (edges compared in float64); p == 1 goes in the
     last bin. NaN if no data.
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, n_bins: int = 15, **kwargs) -> None:
         super().__init__(**kwargs)

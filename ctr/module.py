@@ -94,7 +94,7 @@ class CTRModule(pl_.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if ".tables." in f".{name}" or name.startswith("embedding."):
+            if ".tables." in name:  # embedding tables (FeatureEmbedding), the wide term's too
                 emb.append(p)
             elif p.ndim < 2:  # biases, norms, PReLU/Dice slopes
                 no_decay.append(p)

@@ -58,7 +58,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+def train(cfg: DictConfig) -> dict:
     """Prepare data, fit, reload the best checkpoint, test; write and return ``metrics.json``."""
     import pytorch_lightning as pl_
     from hydra.utils import instantiate
@@ -66,7 +66,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
 
     from ctr.module import CTRModule
 
-    run_dir = Path(run_dir or cfg.paths.run_dir)
+    run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl_.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):

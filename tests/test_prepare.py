@@ -161,3 +161,10 @@ def test_per_feature_min_count(tmp_path):
     assert sorted(users["user_id"].to_list()) == [1, 2]  # users keep min_count 1
     train_items = np.load(a.path / "train" / "sparse.item_id.npy")
     assert (train_items == 1).sum() == 4  # rare train items are out of vocabulary in train too
+
+
+def test_null_dense_feature_names_the_event_row(tmp_path):
+    t = small_log()
+    t.events = t.events.with_columns(pl.Series("price", [1.0, 2.0, None, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]))
+    with pytest.raises(ContractError, match=r"'price', row 2 .*null value in a dense feature"):
+        prepare(FrameSource(t), PrepareSettings(sparse=["item_id"], dense=["price"], sequence=None), tmp_path)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from ctr.train import format_table, train
 
@@ -23,8 +23,6 @@ def compose_run(overrides, tmp_path, cache_dir):
         cfg.paths.cache_dir = str(cache_dir)
         if "SimulatorSource" in cfg.data.source._target_:
             cfg.data.source.preset = "tiny"
-        if OmegaConf.is_missing(cfg, "name") or "hydra:" in str(cfg._get_node("name")._value()):
-            cfg.name = "test"
     return cfg
 
 

@@ -47,34 +47,31 @@ class ContractError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
-def _bad_rows(df: pl.DataFrame, mask: pl.Expr, limit: int = 5) -> list[int]:
+def bad_rows(df: pl.DataFrame, mask: pl.Expr, limit: int = 5) -> list[int]:
+    """0-based indices of the first ``limit`` rows where ``mask`` holds (for error messages)."""
     return (df.lazy().with_row_index("__row").filter(mask).select("__row").head(limit)
             .collect()["__row"].to_list())
 
 
-def _is_int(dtype: pl.DataType) -> bool:
-    return dtype.is_integer()
-
-
 def _check_ids(df: pl.DataFrame, name: str, source: str) -> None:
     dtype = df.schema[name]
-    if not (_is_int(dtype) or dtype in (pl.Utf8, pl.Categorical)):
+    if not (dtype.is_integer() or dtype in (pl.Utf8, pl.Categorical)):
         raise ContractError(source, name, f"ids must be integers or strings, got {dtype}")
     if df[name].null_count():
-        raise ContractError(source, name, "null id", _bad_rows(df, pl.col(name).is_null()))
+        raise ContractError(source, name, "null id", bad_rows(df, pl.col(name).is_null()))
 
 
 def _check_label(df: pl.DataFrame, name: str, source: str) -> pl.Series:
     s = df[name]
-    if not (_is_int(s.dtype) or s.dtype == pl.Boolean or s.dtype.is_float()):
+    if not (s.dtype.is_integer() or s.dtype == pl.Boolean or s.dtype.is_float()):
         raise ContractError(source, name, f"labels must be 0/1 integers or booleans, got {s.dtype}")
     if s.null_count():
-        raise ContractError(source, name, "null label", _bad_rows(df, pl.col(name).is_null()))
+        raise ContractError(source, name, "null label", bad_rows(df, pl.col(name).is_null()))
     if s.dtype != pl.Boolean:
         bad = ~pl.col(name).is_in([0, 1])
         if s.dtype.is_float():
             bad = bad | pl.col(name).is_nan()
-        rows = _bad_rows(df, bad)
+        rows = bad_rows(df, bad)
         if rows:
             raise ContractError(source, name, f"label must be 0 or 1, got {s[rows[0]]!r}", rows)
     return s.cast(pl.Int8)
@@ -98,21 +95,21 @@ def _parse(s: pl.Series, fmt: str | None) -> pl.Series:
 def _to_datetime(df: pl.DataFrame, name: str, source: str) -> pl.Series:
     s = df[name]
     if s.null_count():
-        raise ContractError(source, name, "null timestamp", _bad_rows(df, pl.col(name).is_null()))
+        raise ContractError(source, name, "null timestamp", bad_rows(df, pl.col(name).is_null()))
     if s.dtype == pl.Datetime or isinstance(s.dtype, pl.Datetime):
         out = s.dt.replace_time_zone(None) if s.dtype.time_zone else s  # type: ignore[union-attr]
         return out.dt.cast_time_unit("us")
     if s.dtype == pl.Date:
         return s.cast(pl.Datetime("us"))
-    if _is_int(s.dtype) or s.dtype.is_float():  # unix seconds
+    if s.dtype.is_integer() or s.dtype.is_float():  # unix seconds
         bad = ~pl.col(name).cast(pl.Float64).is_finite()
-        rows = _bad_rows(df, bad)
+        rows = bad_rows(df, bad)
         if rows:
             raise ContractError(source, name, f"timestamp is not a finite number: {s[rows[0]]!r}", rows)
         return (s.cast(pl.Float64) * 1e6).round().cast(pl.Int64).cast(pl.Datetime("us"))
     if s.dtype == pl.Utf8:
         parsed = pl.select(pl.coalesce([_parse(s, f) for f in _FORMATS])).to_series()
-        rows = _bad_rows(df.with_columns(parsed.alias("__p")), pl.col("__p").is_null())
+        rows = bad_rows(df.with_columns(parsed.alias("__p")), pl.col("__p").is_null())
         if rows:
             raise ContractError(source, name, f"unparseable timestamp {s[rows[0]]!r}", rows)
         return parsed.alias(name)
@@ -121,7 +118,7 @@ def _to_datetime(df: pl.DataFrame, name: str, source: str) -> pl.Series:
 
 def _check_numeric_finite(df: pl.DataFrame, name: str, source: str) -> None:
     if df.schema[name].is_float():
-        rows = _bad_rows(df, ~pl.col(name).is_finite() & pl.col(name).is_not_null())
+        rows = bad_rows(df, ~pl.col(name).is_finite() & pl.col(name).is_not_null())
         if rows:
             raise ContractError(source, name, f"non-finite value {df[name][rows[0]]!r}", rows)
 
@@ -150,15 +147,15 @@ def validate(df: pl.DataFrame, table: str, source: str = "<memory>") -> pl.DataF
         elif col.kind == TIME:
             updates.append(_to_datetime(df, col.name, source))
         elif col.kind == POSITION:
-            if not _is_int(s.dtype):
+            if not s.dtype.is_integer():
                 raise ContractError(source, col.name, f"positions must be integers, got {s.dtype}")
-            rows = _bad_rows(df, pl.col(col.name).is_null() | (pl.col(col.name) < 1))
+            rows = bad_rows(df, pl.col(col.name).is_null() | (pl.col(col.name) < 1))
             if rows:
                 raise ContractError(source, col.name, "positions must be non-null and >= 1", rows)
         elif col.kind == PROB:
             if not s.dtype.is_float():
                 raise ContractError(source, col.name, f"probabilities must be floats, got {s.dtype}")
-            rows = _bad_rows(df, ~((pl.col(col.name) >= 0) & (pl.col(col.name) <= 1)))
+            rows = bad_rows(df, ~((pl.col(col.name) >= 0) & (pl.col(col.name) <= 1)))
             if rows:
                 raise ContractError(source, col.name, "probability outside [0, 1] or missing", rows)
         elif col.kind == TEXT and s.dtype != pl.Utf8:
@@ -169,7 +166,7 @@ def validate(df: pl.DataFrame, table: str, source: str = "<memory>") -> pl.DataF
         _check_numeric_finite(df, name, source)
     key = KEYS.get(table)
     if key is not None:
-        rows = _bad_rows(df, pl.col(key).is_duplicated(), 2)
+        rows = bad_rows(df, pl.col(key).is_duplicated(), 2)
         if rows:
             raise ContractError(source, key, f"duplicate {key} {df[key][rows[0]]!r}", rows)
     return df.with_columns(updates) if updates else df
@@ -183,7 +180,7 @@ def check_references(events: pl.DataFrame, table: pl.DataFrame, key: str, source
         raise ContractError(source, column, f"dtype {events.schema[column]} does not match "
                             f"{key} dtype {table.schema[key]} of the referenced table")
     known = table[key].implode()
-    rows = _bad_rows(events, pl.col(column).is_not_null() & ~pl.col(column).is_in(known))
+    rows = bad_rows(events, pl.col(column).is_not_null() & ~pl.col(column).is_in(known))
     if rows:
         raise ContractError(source, column, f"{column} {events[column][rows[0]]!r} is not in the "
                             f"{'items' if key == 'item_id' else 'users'} table", rows)

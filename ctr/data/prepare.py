@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from ctr.data.contract import ContractError, check_references, validate
+from ctr.data.contract import ContractError, bad_rows, check_references, validate
 
 PREPARE_VERSION = 1  # bump when the artefact format or the preparation logic changes
 SPLITS = ("train", "val", "test")
@@ -148,6 +148,10 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> pl.DataFrame:
     if missing:
         raise ContractError(ev_name, missing[0], f"feature column not found in events, items or users "
                             f"(available: {sorted(set(df.columns) - {'__split'})})")
+    for name in settings.dense:  # checked in event order, so that the rows match the events file
+        rows = bad_rows(df, pl.col(name).is_null())
+        if rows:
+            raise ContractError(ev_name, name, "null value in a dense feature", rows)
     return df
 
 
@@ -250,9 +254,6 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
             col = df[name]
             if not col.dtype.is_numeric():
                 raise ContractError(source_name, name, f"dense feature must be numeric, got {col.dtype}")
-            if col.null_count():
-                rows = df.with_row_index("__r").filter(pl.col(name).is_null())["__r"].head(5).to_list()
-                raise ContractError(source_name, name, "null value in a dense feature", rows)
             x = col.cast(pl.Float64).to_numpy()
             mu, sd = float(x[is_train].mean()), float(x[is_train].std()) or 1.0
             dense_stats[name] = {"mean": mu, "std": sd}

@@ -14,7 +14,7 @@ from ctr.data.prepare import Tables, file_fingerprint
 
 def read_table(path: str | Path) -> pl.DataFrame:
     """Read one table from a parquet/CSV file or a glob of them, with the file named in any error."""
-    files = sorted(glob.glob(str(path))) if any(ch in str(path) for ch in "*?[") else [str(path)]
+    files = _files(str(path))
     if not files:
         raise FileNotFoundError(f"{path}: no file matches")
     frames = []
