@@ -1,0 +1,112 @@
+"""Run-folder plumbing shared by every training entry point (``ctr.train``, ``encoders.train``).
+
+A run folder holds the resolved config (``config.yaml``), package versions (``env.json``), the
+best checkpoint (``checkpoints/best.ckpt``), the CSV/wandb logs and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("torch", "pytorch-lightning", "torchmetrics", "timm", "polars", "hydra-core", "wandb", "numpy")
+
+
+def environment() -> dict:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "packages": versions}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """Create the run folder, seed everything, set the thread count."""
+    import pytorch_lightning as pl
+
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return run_dir
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    """The Lightning trainer of ``cfg.trainer`` with best-checkpointing (and early stopping when
+    ``cfg.monitor.patience`` is set) on ``cfg.monitor.metric`` (null: the last epoch is kept),
+    the configured loggers, and the
+    resolved config and environment written into the run folder. Returns (trainer, checkpoint
+    callback, loggers)."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=metric,
+                           mode=cfg.monitor.mode, save_top_k=1)
+    callbacks = [ckpt]
+    if metric is not None and cfg.monitor.get("patience") is not None:
+        callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
+                                       patience=cfg.monitor.patience))
+    loggers = [instantiate(lg, _convert_="all") for lg in (cfg.get("logger") or {}).values() if lg]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          default_root_dir=str(run_dir), _convert_="all")
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / "env.json", json.dumps(environment(), indent=1))
+    return trainer, ckpt, loggers
+
+
+def best_checkpoint(cfg: DictConfig, ckpt) -> str | None:
+    """The best checkpoint's path (None under fast_dev_run, which saves none)."""
+    if cfg.trainer.get("fast_dev_run") or not ckpt.best_model_path:
+        return None
+    return ckpt.best_model_path
+
+
+def best_epoch(ckpt) -> int | None:
+    if not ckpt.best_model_path or not Path(ckpt.best_model_path).exists():
+        return None
+    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    return int(state.get("epoch", -1))
+
+
+def section(prefix: str, logged: dict) -> dict:
+    """``{"val/auc": x, ...}`` -> ``{"auc": x}`` for one prefix."""
+    return {k.split("/", 1)[1]: float(v) for k, v in logged.items() if k.startswith(prefix + "/")}
+
+
+def finish_run(run_dir: Path, metrics: dict, loggers: list) -> dict:
+    """Write ``metrics.json`` and hand its numbers to the loggers (as ``final/...``)."""
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    for lg in loggers:
+        lg.log_metrics({f"final/{k}": v for k, v in flat(metrics).items()})
+        lg.finalize("success")
+    return metrics
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out

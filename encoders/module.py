@@ -1,0 +1,253 @@
+"""The contrastive Lightning module: towers + projection heads, tasks combined by weight.
+
+Tasks (each a loss over L2-normalised projections, with a logit scale of its own):
+
+* ``self_supervised``: two augmented views of an item image (SimCLR's NT-Xent).
+* ``image_text``: an item image against its title (symmetric InfoNCE).
+* ``click``: a query image against an item clicked in that request (InfoNCE), with the request's
+  shown-but-unclicked items and same-category items as hard negatives.
+
+False negatives (the same item, the same product group) are masked in every task. ``queue_size``
+keeps a MoCo-style memory of past positive-side embeddings (titles for ``image_text``, clicked
+items for ``click``), so the number of negatives is a knob apart from the batch size.
+``matryoshka_dims`` trains every listed prefix of the embedding as well (each re-normalised), so
+a prefix can serve at lower cost.
+
+A training batch (see :class:`encoders.data.TaskBatches`) carries every distinct image once; each
+is augmented and encoded once per step (the self-supervised task's second view aside).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.data import TASKS
+from encoders.evaluate import image_text_recall, search_recall
+from encoders.images import BatchAugment, to_float
+from encoders.losses import EmbeddingQueue, InfoNCE, LogitScale, NTXent, matryoshka_slices
+from encoders.towers import ProjectionHead
+
+
+class ContrastiveModule(pl.LightningModule):
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module | None = None, *,
+                 embed_dim: int = 128, head_hidden: int | None = None,
+                 tasks: dict[str, float] | None = None, image_size: int = 64,
+                 augment: dict | None = None, click_augment: bool = True,
+                 matryoshka_dims: list[int] | None = None, queue_size: int = 0,
+                 logit_scale: dict | None = None, symmetric: bool = True,
+                 lr: float = 1e-3, tower_lr: float | None = None, weight_decay: float = 0.05,
+                 warmup_steps: int = 0, optimizer: str = "adamw"):
+        super().__init__()
+        self.save_hyperparameters(ignore=["image_tower", "text_tower"])
+        self.tasks = {t: float(w) for t, w in (tasks or {"self_supervised": 1.0}).items() if w}
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        if "image_text" in self.tasks and text_tower is None:
+            raise ValueError("the image_text task needs a text tower")
+        self.image_tower, self.text_tower = image_tower, text_tower
+        self.image_head = ProjectionHead(image_tower.out_dim, embed_dim, head_hidden)
+        self.text_head = ProjectionHead(text_tower.out_dim, embed_dim, head_hidden) if text_tower else None
+        self.image_size = image_size
+        self.augment = BatchAugment(image_size, **(augment or {}))
+        self.click_augment = click_augment
+        dims = sorted(set(matryoshka_dims or [])) or [embed_dim]
+        if dims[-1] != embed_dim:
+            dims.append(embed_dim)
+        if dims[0] < 1:
+            raise ValueError(f"matryoshka_dims must be positive, got {matryoshka_dims}")
+        self.dims = dims
+        self.scales = nn.ModuleDict({t: LogitScale(**(logit_scale or {})) for t in self.tasks})
+        self.info_nce = InfoNCE(symmetric=symmetric)
+        self.nt_xent = NTXent()
+        self.queues = nn.ModuleDict({t: EmbeddingQueue(embed_dim, queue_size, n_keys=2)
+                                     for t in self.tasks if t in ("image_text", "click") and queue_size > 0})
+        self.evaluation: dict | None = None  # set by the data module: what validation/test measure
+        self._t_end: float | None = None
+        self._val: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ encoding
+    def embed_images(self, images: Tensor, normalize: bool = True) -> Tensor:
+        z = self.image_head(self.image_tower(images))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def embed_texts(self, tokens: dict[str, Tensor], normalize: bool = True) -> Tensor:
+        z = self.text_head(self.text_tower(tokens))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def eval_images(self, images: Tensor) -> Tensor:
+        """Embeddings of uint8 images without augmentation, at the training resolution."""
+        return self.embed_images(to_float(images, self.image_size))
+
+    # ------------------------------------------------------------------ training
+    def _task_loss(self, task: str, batch: dict, emb: Tensor, keys: Tensor) -> tuple[Tensor, dict]:
+        scale = self.scales[task]()
+        logs = {}
+        if task == "self_supervised":
+            rows = batch["items"]
+            z1 = emb[rows]
+            z2 = self.embed_images(self.augment(batch["images"][rows]))
+            losses = [self.nt_xent(a, b, scale, keys=keys[rows])
+                      for a, b in zip(matryoshka_slices(z1, self.dims), matryoshka_slices(z2, self.dims))]
+            return torch.stack(losses).mean(), logs
+        if task == "image_text":
+            rows = batch["items"]
+            q, p = emb[rows], self.embed_texts(batch["tokens"])
+            qk = pk = keys[rows]
+            hard = hard_k = None
+        else:  # click
+            q, p = emb[batch["query"]], emb[batch["positive"]]
+            qk, pk = keys[batch["query"]], keys[batch["positive"]]
+            hard, hard_k = emb[batch["negatives"]], keys[batch["negatives"]]
+        queue = self.queues[task] if task in self.queues else None
+        qe, qkeys = queue.get() if queue is not None else (None, None)
+        losses = []
+        for i, (qs, ps) in enumerate(zip(matryoshka_slices(q, self.dims), matryoshka_slices(p, self.dims))):
+            d = self.dims[i]
+            hs = matryoshka_slices(hard, [d])[0] if hard is not None else None
+            qu = matryoshka_slices(qe, [d])[0] if qe is not None and len(qe) else None
+            losses.append(self.info_nce(qs, ps, scale, query_keys=qk, positive_keys=pk,
+                                        hard_negatives=hs, hard_negative_keys=hard_k,
+                                        queue=qu, queue_keys=qkeys if qu is not None else None))
+        if getattr(self.info_nce, "last_accuracy", None) is not None:
+            logs["acc"] = self.info_nce.last_accuracy
+        if queue is not None:
+            queue.enqueue(p.detach(), pk)
+        return torch.stack(losses).mean(), logs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        t0 = time.perf_counter()
+        images, keys = batch["images"], batch["keys"]
+        needs_shared = any(t in self.tasks for t in TASKS)
+        x = self.augment(images) if ("click" not in self.tasks or self.click_augment) else to_float(images, self.image_size)
+        t_aug = time.perf_counter() - t0
+        emb = self.embed_images(x) if needs_shared else None
+        total = 0.0
+        n = _batch_samples(batch)
+        for task, w in self.tasks.items():
+            loss, logs = self._task_loss(task, batch, emb, keys)
+            total = total + w * loss
+            self.log(f"train/{task}_loss", loss, on_step=True, on_epoch=True, batch_size=n)
+            self.log(f"train/{task}_scale", self.scales[task]().detach(), on_step=True, on_epoch=False, batch_size=n)
+            for k, v in logs.items():
+                self.log(f"train/{task}_{k}", v, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        if self._t_end is not None:
+            self.log("perf/data_time", t0 - self._t_end, on_step=True, on_epoch=True, batch_size=1)
+        self.log("perf/augment_time", t_aug, on_step=True, on_epoch=True, batch_size=1)
+        self.log("perf/images_per_step", float(images.shape[0]), on_step=True, on_epoch=True, batch_size=1)
+        self._t_step = t0
+        return total
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        for s in self.scales.values():
+            s.clamp_()
+        now = time.perf_counter()
+        step = now - self._t_step
+        n = _batch_samples(batch)
+        self.log("perf/step_time", step, on_step=True, on_epoch=True, batch_size=1)
+        self.log("perf/samples_per_s", n / max(step, 1e-9), on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=1)
+        self._t_end = now
+
+    def on_train_epoch_start(self) -> None:
+        self._t_end = None
+        loader = self.trainer.train_dataloader
+        ds = getattr(loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.current_epoch)
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"rows": [], "img": [], "txt": []}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val["rows"].append(batch["rows"])
+        self._val["img"].append(self.eval_images(batch["images"]).float())
+        if "tokens" in batch and self.text_tower is not None:
+            self._val["txt"].append(self.embed_texts(batch["tokens"]).float())
+
+    def on_validation_epoch_end(self) -> None:
+        split = "test" if self.trainer.testing else "val"
+        metrics = self.evaluate_collected(split)
+        for k, v in metrics.items():
+            self.log(f"{split}/{k}", v, prog_bar=k.endswith("recall@10"), batch_size=1)
+
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    def evaluate_collected(self, split: str) -> dict[str, float]:
+        """Metrics of ``split`` over the embeddings gathered by the validation/test steps."""
+        if not self._val.get("rows") or self.evaluation is None:
+            return {}
+        rows = torch.cat(self._val["rows"]).cpu().numpy()
+        img = torch.cat(self._val["img"]).cpu()
+        n = self.evaluation["n_items"]
+        full = torch.zeros(n, img.shape[1])
+        full[torch.from_numpy(rows)] = img
+        have = np.zeros(n, bool)
+        have[rows] = True
+        out = {}
+        for name, q in self.evaluation.get(f"{split}_search", {}).items():
+            q = q.restrict(have)
+            out.update({f"{name}/{k}": v for k, v in search_recall(full, q).items()})
+            out[f"{name}/queries"] = float(len(q))
+        titles = self.evaluation.get("titles")
+        if self._val["txt"] and titles is not None:
+            txt = torch.cat(self._val["txt"]).cpu()
+            out.update(image_text_recall(img, txt, [titles[r] for r in rows]))
+        return out
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, no_decay, tower_decay, tower_no_decay = [], [], [], []
+        towers = {id(p) for m in (self.image_tower, self.text_tower) if m is not None for p in m.parameters()}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            flat = p.ndim < 2 or "scales." in name  # norms, biases, logit scales: no weight decay
+            if id(p) in towers and h.tower_lr is not None:
+                (tower_no_decay if flat else tower_decay).append(p)
+            else:
+                (no_decay if flat else decay).append(p)
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if h.tower_lr is not None:
+            groups += [{"params": tower_decay, "weight_decay": h.weight_decay, "lr": h.tower_lr},
+                       {"params": tower_no_decay, "weight_decay": 0.0, "lr": h.tower_lr}]
+        groups = [g for g in groups if g["params"]]
+        if h.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=h.lr)
+        elif h.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=h.lr, momentum=0.9)
+        else:
+            raise ValueError(f"unknown optimizer {h.optimizer!r} (adamw or sgd)")
+        total = self.trainer.estimated_stepping_batches if self.trainer else 1
+        warm = h.warmup_steps
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
+            if warm and step < warm:
+                return (step + 1) / warm
+            if not math.isfinite(total) or total <= warm:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _batch_samples(batch: dict) -> int:
+    """Training examples in a multi-task batch (click pairs plus items)."""
+    n = 0
+    for k in ("items", "query"):
+        if k in batch:
+            n += int(batch[k].shape[0])
+    return n
