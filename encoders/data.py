@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ctr.data.contract import ContractError, bad_rows
-from encoders.images import build_image_cache
+from encoders.images import build_image_cache, images_fingerprint
 
 TASKS = ("self_supervised", "image_text", "click")
 
@@ -87,7 +87,8 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     dup = bad_rows(items, pl.col("item_id").is_duplicated())
     if dup:
         raise ContractError(source, "item_id", "duplicate item id", dup)
-    images = build_image_cache(items[img_col].to_list(), size, cache_dir, source=source, column=img_col)
+    raw = items[img_col].to_list()
+    images = build_image_cache(raw, size, cache_dir, source=source, column=img_col)
     titles = None
     if title_col and title_col in items.columns:
         nulls = bad_rows(items, pl.col(title_col).is_null())
@@ -100,11 +101,9 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     group_names = items[group_col].cast(pl.Utf8).to_list() if group_col else [str(i) for i in ids.to_list()]
     group = _codes(pl.Series(group_names))
     split = split_by_group(group_names, held_out) if held_out else np.full(n, "train")
-    from encoders.images import images_fingerprint  # noqa: PLC0415 (the cache already hashed them)
-
     return ItemSet(name=source, item_ids=ids.cast(pl.Int64).to_numpy(), images=images, titles=titles,
                    category=category, group=group, split=split,
-                   image_fingerprint=images_fingerprint(items[img_col].to_list(), size))
+                   image_fingerprint=images_fingerprint(raw, size, source=source, column=img_col))
 
 
 def _codes(s: pl.Series) -> np.ndarray:
@@ -140,7 +139,8 @@ def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | Non
         rows = bad_rows(meta, pl.col(c).is_null())
         if rows:
             raise ContractError(str(meta_path), c, "null value", rows)
-    photos = pl.read_parquet(img_path, columns=["article_id", "jpeg"]).unique("article_id", keep="first")
+    photos = (pl.read_parquet(img_path, columns=["article_id", "jpeg"]).with_row_index("__src_row")
+              .unique("article_id", keep="first", maintain_order=True))
     df = (meta.unique("article_id", keep="first").join(photos, on="article_id", how="inner")
           .sort("article_id"))
     if n_items is not None:
@@ -152,8 +152,14 @@ def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | Non
                        pl.lit(". "), pl.col("detail_desc").fill_null("")]).alias("title"),
         pl.col("product_type_name").fill_null("unknown").alias("category"),
     )
-    items = items_from_table(df.select("item_id", "image", "title", "category", "product_code"), size,
-                             cache_dir, source=str(img_path), group_col="product_code", held_out=held_out)
+    try:
+        items = items_from_table(df.select("item_id", "image", "title", "category", "product_code"), size,
+                                 cache_dir, source=str(img_path), group_col="product_code", held_out=held_out)
+    except ContractError as e:  # name the parquet's own column and rows
+        if e.column != "image":
+            raise
+        rows = [int(df["__src_row"][r]) for r in e.rows]
+        raise ContractError(str(img_path), "jpeg", e.problem, rows) from None
     items.meta = {"source": "hm", "n_products": int(df["product_code"].n_unique())}
     return items
 
@@ -186,7 +192,7 @@ class ClickLog:
         for c in dict.fromkeys(need):
             if c not in events.columns:
                 raise ContractError(source, c, f"missing column (found {events.columns})")
-        for c in ("request_id", "item_id", "query_item_id", "clicked"):
+        for c in dict.fromkeys(("request_id", "item_id", "query_item_id", "clicked", *order)):
             rows = bad_rows(events, pl.col(c).is_null())
             if rows:
                 raise ContractError(source, c, "null value", rows)
@@ -200,7 +206,7 @@ class ClickLog:
             missing = ev.filter(pl.col(name).is_null())["__event"].sort().head(5).to_list()
             if missing:
                 raise ContractError(source, col, f"item not in the item set {items.name}", missing)
-        ev = ev.sort(list(order), maintain_order=True)
+        ev = ev.sort([*order, "__event"])  # ties in file order, as ctr.data.prepare splits them
         n = ev.height
         n_train, n_val = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
         r = pl.int_range(pl.len())

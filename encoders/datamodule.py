@@ -41,7 +41,11 @@ class SimItems:
         where = f"simulator({self.preset}, seed={self.seed})"
         items = items_from_table(d.items, image_size, cache_dir, source=f"{where}.items")
         items.meta = {"source": "sim", "preset": self.preset, "seed": self.seed,
-                      "overrides": dict(self.overrides)}
+                      "overrides": dict(self.overrides),
+                      # the click split: an encoder post-trained here saw clicks of the first
+                      # fractions[0] of the log in this order (the CTR stage must split alike)
+                      "click_split": {"fractions": list(self.fractions),
+                                      "order": ["timestamp", "request_id", "position"]}}
         clicks = ClickLog.from_events(d.events, items, source=f"{where}.events",
                                       fractions=tuple(self.fractions))
         return items, clicks
@@ -51,7 +55,9 @@ class SimItems:
         out = {}
         for split in ("val", "test"):
             q, off, rel = clicks.queries[split]
-            out[split] = {"rows": gallery, "search": {"search": SearchQueries(q, off, rel, gallery)}}
+            # the catalogue's titles are all training pairs: no image-text retrieval is scored here
+            out[split] = {"rows": gallery, "search": {"search": SearchQueries(q, off, rel, gallery)},
+                          "image_text": False}
         return out
 
 
@@ -71,7 +77,8 @@ class HMItems:
         out = {}
         for split in ("val", "test"):
             rows = items.rows(split)
-            out[split] = {"rows": rows, "search": {"same_product": same_group_queries(rows, items.group)}}
+            out[split] = {"rows": rows, "search": {"same_product": same_group_queries(rows, items.group)},
+                          "image_text": True}
         return out
 
 
@@ -123,12 +130,16 @@ class ContrastiveDataModule(pl.LightningDataModule):
         """What the module measures (see ``ContrastiveModule.evaluate_collected``)."""
         self.setup()
         return {"n_items": len(self.items), "titles": self.items.titles,
-                **{f"{s}_search": self.spec[s]["search"] for s in self.spec}}
+                **{f"{s}_search": self.spec[s]["search"] for s in self.spec},
+                **{f"{s}_image_text": self.spec[s]["image_text"] for s in self.spec}}
 
     def train_dataloader(self):
         ds = TaskBatches(self.items, self.tasks, self.batch_size, clicks=self.clicks, tokens=self.tokens,
                          n_shown=self.n_shown, n_category=self.n_category, steps=self.steps_per_epoch,
                          seed=self.seed)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # a resumed run's first epoch; the module's epoch hook sets later ones
+            ds.set_epoch(trainer.current_epoch)
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
     def _eval(self, split: str):

@@ -63,7 +63,9 @@ def export_embeddings(module, loader, item_ids: np.ndarray, image_fingerprint: s
     df.write_parquet(tmp)
     side = {"fingerprint": fp, "dim": int(emb.shape[1]), "n_items": int(len(item_ids)),
             "image_fingerprint": image_fingerprint, **(extra or {})}
-    path.with_suffix(".json").write_text(json.dumps(side, indent=1, default=str) + "\n")
+    side_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    side_tmp.write_text(json.dumps(side, indent=1, default=str) + "\n")
+    os.replace(side_tmp, path.with_suffix(".json"))
     os.replace(tmp, path)
     return path, fp, False
 

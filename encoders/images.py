@@ -61,11 +61,16 @@ def decode_image(data: bytes | str | os.PathLike, size: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def images_fingerprint(images: Sequence[bytes | str | os.PathLike], size: int) -> str:
-    """sha256 over every image's bytes (a path: its bytes too) and the decode settings."""
+def images_fingerprint(images: Sequence[bytes | str | os.PathLike], size: int, *, source: str = "images",
+                       column: str = "image") -> str:
+    """sha256 over every image's bytes (a path: its file's bytes) and the decode settings. A file
+    that cannot be read raises :class:`ContractError` naming ``source``, ``column`` and the row."""
     h = hashlib.sha256(json.dumps({"size": size, "v": CACHE_VERSION}).encode())
-    for x in images:
-        b = bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else Path(x).read_bytes()
+    for i, x in enumerate(images):
+        try:
+            b = bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else Path(x).read_bytes()
+        except OSError as e:
+            raise ContractError(source, column, f"cannot read image file {x!s}: {e.strerror or e}", [i]) from None
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()[:16]
@@ -86,7 +91,7 @@ def build_image_cache(images: Sequence[bytes | str | os.PathLike], size: int,
         raise ContractError(source, column, "null image", nulls)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"images-{images_fingerprint(images, size)}.npy"
+        path = Path(cache_dir) / f"images-{images_fingerprint(images, size, source=source, column=column)}.npy"
         if path.exists():
             return np.load(path, mmap_mode="c")  # copy-on-write: torch-compatible, no copy
     out = np.empty((len(images), 3, size, size), np.uint8)

@@ -162,7 +162,10 @@ class InfoNCE(nn.Module):
 
     False negatives (``mask_false_negatives``): an in-batch pair ``(i, j != g)`` is masked, in both
     directions, when ``positive_keys`` of ``i`` and ``j`` match or ``query_keys`` of ``i`` and ``j`` match;
-    a hard negative / queue entry is masked when its keys match ``positive_keys`` of ``i``.
+    a hard negative / queue entry is masked when its keys match ``positive_keys`` of ``i``. When query
+    and positive keys have the same columns (e.g. both are [item, product group]), a candidate that
+    matches the query's own keys is masked as well (query i vs positive j, positive i vs query j, and
+    hard negatives / queue entries vs query i): the query's own item is no negative.
 
     ``forward`` returns the mean over local rows; ``last_accuracy`` holds the top-1 accuracy of the query
     direction (over all its candidates) of the last call.
@@ -202,18 +205,36 @@ class InfoNCE(nn.Module):
                 if lk is not None:
                     m = _match(lk[:, None, :], ak[None, :, :])
                     mask = m if mask is None else mask | m
-            if mask is not None:
-                mask[rows, target] = False
+        # a candidate that is the query's own item (same keys as the query) is no negative either
+        cross = (self.mask_false_negatives and qk is not None and pk is not None
+                 and qk.shape[-1] == pk.shape[-1])
+        mask_q, mask_p = mask, mask
+        if cross:
+            mq = _match(qk[:, None, :], pk_all[None, :, :])  # query i vs gathered positive j
+            mp = _match(pk[:, None, :], qk_all[None, :, :])  # positive i vs gathered query j
+            mask_q = mq if mask is None else mask | mq
+            mask_p = mp if mask is None else mask | mp
+        for m in (mask_q, mask_p):
+            if m is not None:
+                m[rows, target] = False
 
-        parts, masks = [query @ p_all.T], [mask]
+        def extra_mask(keys: Tensor | None, expand) -> Tensor | None:
+            """Mask of extra candidates whose keys match the query's positive (or the query)."""
+            if not self.mask_false_negatives or keys is None:
+                return None
+            out = _match(pk[:, None, :], expand(keys)) if pk is not None else None
+            if cross:
+                mq = _match(qk[:, None, :], expand(keys))
+                out = mq if out is None else out | mq
+            return out
+
+        parts, masks = [query @ p_all.T], [mask_q]
         if hard_negatives is not None and hard_negatives.shape[1] > 0:
             parts.append(torch.einsum("bd,bhd->bh", query, hard_negatives.to(query.dtype)))
-            masks.append(_match(pk[:, None, :], hk) if self.mask_false_negatives and pk is not None
-                         and hk is not None else None)
+            masks.append(extra_mask(hk, lambda k: k))
         if queue is not None and queue.shape[0] > 0:
             parts.append(query @ queue.detach().to(query.dtype).T)
-            masks.append(_match(pk[:, None, :], uk[None, :, :]) if self.mask_false_negatives
-                         and pk is not None and uk is not None else None)
+            masks.append(extra_mask(uk, lambda k: k[None, :, :]))
         logits = _scaled(torch.cat(parts, dim=1), logit_scale)
         if any(m is not None for m in masks):
             full = torch.cat([m if m is not None else torch.zeros_like(p, dtype=torch.bool)
@@ -225,8 +246,8 @@ class InfoNCE(nn.Module):
 
         if self.symmetric:
             logits_p = _scaled(positive @ q_all.T, logit_scale)
-            if mask is not None:
-                logits_p = logits_p.masked_fill(mask, float("-inf"))
+            if mask_p is not None:
+                logits_p = logits_p.masked_fill(mask_p, float("-inf"))
             loss = (loss + F.cross_entropy(logits_p, target)) / 2
         return loss
 

@@ -39,11 +39,11 @@ class ContrastiveModule(pl.LightningModule):
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module | None = None, *,
                  embed_dim: int = 128, head_hidden: int | None = None,
                  tasks: dict[str, float] | None = None, image_size: int = 64,
-                 augment: dict | None = None, click_augment: bool = True,
+                 augment: dict | None = None,
                  matryoshka_dims: list[int] | None = None, queue_size: int = 0,
                  logit_scale: dict | None = None, symmetric: bool = True,
                  lr: float = 1e-3, tower_lr: float | None = None, weight_decay: float = 0.05,
-                 warmup_steps: int = 0, optimizer: str = "adamw"):
+                 warmup_steps: int = 0, tower_delay_steps: int = 0, optimizer: str = "adamw"):
         super().__init__()
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
         self.tasks = {t: float(w) for t, w in (tasks or {"self_supervised": 1.0}).items() if w}
@@ -57,12 +57,11 @@ class ContrastiveModule(pl.LightningModule):
         self.text_head = ProjectionHead(text_tower.out_dim, embed_dim, head_hidden) if text_tower else None
         self.image_size = image_size
         self.augment = BatchAugment(image_size, **(augment or {}))
-        self.click_augment = click_augment
         dims = sorted(set(matryoshka_dims or [])) or [embed_dim]
+        if not all(0 < d <= embed_dim for d in dims):
+            raise ValueError(f"matryoshka_dims must lie in 1..embed_dim={embed_dim}, got {matryoshka_dims}")
         if dims[-1] != embed_dim:
             dims.append(embed_dim)
-        if dims[0] < 1:
-            raise ValueError(f"matryoshka_dims must be positive, got {matryoshka_dims}")
         self.dims = dims
         self.scales = nn.ModuleDict({t: LogitScale(**(logit_scale or {})) for t in self.tasks})
         self.info_nce = InfoNCE(symmetric=symmetric)
@@ -71,6 +70,7 @@ class ContrastiveModule(pl.LightningModule):
                                      for t in self.tasks if t in ("image_text", "click") and queue_size > 0})
         self.evaluation: dict | None = None  # set by the data module: what validation/test measure
         self._t_end: float | None = None
+        self._delayed: list[nn.Parameter] = []
         self._val: dict[str, list] = {}
 
     # ------------------------------------------------------------------ encoding
@@ -125,10 +125,9 @@ class ContrastiveModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         t0 = time.perf_counter()
         images, keys = batch["images"], batch["keys"]
-        needs_shared = any(t in self.tasks for t in TASKS)
-        x = self.augment(images) if ("click" not in self.tasks or self.click_augment) else to_float(images, self.image_size)
+        x = self.augment(images)
         t_aug = time.perf_counter() - t0
-        emb = self.embed_images(x) if needs_shared else None
+        emb = self.embed_images(x)
         total = 0.0
         n = _batch_samples(batch)
         for task, w in self.tasks.items():
@@ -151,10 +150,12 @@ class ContrastiveModule(pl.LightningModule):
             s.clamp_()
         now = time.perf_counter()
         step = now - self._t_step
+        data = self._t_step - self._t_end if self._t_end is not None else 0.0
         n = _batch_samples(batch)
         self.log("perf/step_time", step, on_step=True, on_epoch=True, batch_size=1)
-        self.log("perf/samples_per_s", n / max(step, 1e-9), on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=1)
+        # throughput over the whole iteration: loading the batch plus the step
+        self.log("perf/samples_per_s", n / max(step + data, 1e-9), on_step=True, on_epoch=True,
+                 prog_bar=True, batch_size=1)
         self._t_end = now
 
     def on_train_epoch_start(self) -> None:
@@ -201,47 +202,66 @@ class ContrastiveModule(pl.LightningModule):
             out.update({f"{name}/{k}": v for k, v in search_recall(full, q).items()})
             out[f"{name}/queries"] = float(len(q))
         titles = self.evaluation.get("titles")
-        if self._val["txt"] and titles is not None:
+        if self._val["txt"] and titles is not None and self.evaluation.get(f"{split}_image_text", True):
             txt = torch.cat(self._val["txt"]).cpu()
             out.update(image_text_recall(img, txt, [titles[r] for r in rows]))
         return out
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        """AdamW (or SGD) with no weight decay on norms, biases, logit scales and embeddings; the
+        towers' parameters at ``tower_lr`` (default: ``lr``). Schedule per step: linear warm-up,
+        then cosine to 0. ``tower_delay_steps`` trains the heads alone first (the towers join
+        after that many steps, with a warm-up of their own), so that gradients from random heads
+        do not disturb pretrained towers (linear probing, then fine-tuning)."""
         h = self.hparams
-        decay, no_decay, tower_decay, tower_no_decay = [], [], [], []
         towers = {id(p) for m in (self.image_tower, self.text_tower) if m is not None for p in m.parameters()}
+        buckets: dict[tuple[bool, bool], list] = {(t, f): [] for t in (False, True) for f in (False, True)}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            flat = p.ndim < 2 or "scales." in name  # norms, biases, logit scales: no weight decay
-            if id(p) in towers and h.tower_lr is not None:
-                (tower_no_decay if flat else tower_decay).append(p)
-            else:
-                (no_decay if flat else decay).append(p)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if h.tower_lr is not None:
-            groups += [{"params": tower_decay, "weight_decay": h.weight_decay, "lr": h.tower_lr},
-                       {"params": tower_no_decay, "weight_decay": 0.0, "lr": h.tower_lr}]
-        groups = [g for g in groups if g["params"]]
+            flat = p.ndim < 2 or "scales." in name or "embed" in name or "cls_token" in name
+            buckets[(id(p) in towers, flat)].append(p)
+        tower_lr = h.tower_lr if h.tower_lr is not None else h.lr
+        groups, is_tower = [], []
+        for (tower, flat), params in buckets.items():
+            if params:
+                groups.append({"params": params, "weight_decay": 0.0 if flat else h.weight_decay,
+                               "lr": tower_lr if tower else h.lr})
+                is_tower.append(tower)
         if h.optimizer == "adamw":
             opt = torch.optim.AdamW(groups, lr=h.lr)
         elif h.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=h.lr, momentum=0.9)
         else:
             raise ValueError(f"unknown optimizer {h.optimizer!r} (adamw or sgd)")
-        total = self.trainer.estimated_stepping_batches if self.trainer else 1
-        warm = h.warmup_steps
+        trainer = getattr(self, "_trainer", None)
+        total = trainer.estimated_stepping_batches if trainer is not None else 1
+        delay = h.tower_delay_steps
+        self._delayed = [p for g, t in zip(groups, is_tower) if t for p in g["params"]] if delay else []
+        for p in self._delayed:  # no gradients through the towers until the delay is over
+            p.requires_grad_(False)
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-            if warm and step < warm:
-                return (step + 1) / warm
-            if not math.isfinite(total) or total <= warm:
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+        def schedule(start: int):
+            def f(step: int) -> float:  # 0 before start, linear warm-up, then cosine to 0
+                if step < start:
+                    return 0.0
+                s, warm, span = step - start, h.warmup_steps, total - start
+                if warm and s < warm:
+                    return (s + 1) / warm
+                if not math.isfinite(total) or span <= warm:
+                    return 1.0
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / (span - warm))))
+            return f
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(delay if t else 0) for t in is_tower])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._delayed and self.global_step >= self.hparams.tower_delay_steps:
+            for p in self._delayed:
+                p.requires_grad_(True)
+            self._delayed = []
 
 
 def _batch_samples(batch: dict) -> int:

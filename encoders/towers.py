@@ -193,8 +193,9 @@ def _freeze_except(model: nn.Module, trainable: list[str] | None, freeze: bool) 
         raise ValueError(f"trainable prefixes {unknown} match no parameter; names look like {names[:3]} ... {names[-2:]}")
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(prefixes))
+    # modules holding parameters, none trainable (a parameterless Dropout follows its parent block)
     frozen = [m for m in model.modules()
-              if not any(p.requires_grad for p in m.parameters())]
+              if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
     for m in frozen:
         m.eval()
     return frozen
@@ -229,6 +230,9 @@ class ImageTower(nn.Module):
             gradients (e.g. ``["blocks.5", "blocks.6", "conv_head", "bn2"]``); the rest is frozen
             and stays in eval mode. None: all trainable.
         drop_path_rate: stochastic depth rate passed to timm.
+        bn_eval: keep every BatchNorm in eval mode (running statistics fixed, affine weights still
+            trained): fine-tuning a pretrained net on small batches of another domain then does not
+            drift its statistics.
         checkpoint: a local state-dict file (``.pth``/``.pt``/``.safetensors``) loaded strictly
             into the backbone; classifier tensors in it are ignored. A backbone fine-tuned from
             ``pretrained=True`` lite0 weights should be reloaded with ``name="tf_efficientnet_lite0"``.
@@ -236,7 +240,8 @@ class ImageTower(nn.Module):
 
     def __init__(self, name: str = "resnet18", pretrained: bool = False, img_size: int = 224,
                  freeze: bool = False, drop_path_rate: float = 0.0,
-                 checkpoint: str | None = None, trainable: list[str] | None = None) -> None:
+                 checkpoint: str | None = None, trainable: list[str] | None = None,
+                 bn_eval: bool = False) -> None:
         super().__init__()
         import timm
         from timm.data import resolve_model_data_config
@@ -264,6 +269,9 @@ class ImageTower(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self._frozen_modules = _freeze_except(self.backbone, trainable, freeze)
+        if bn_eval:
+            self._frozen_modules += [m for m in self.backbone.modules()
+                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @staticmethod
     def _create(timm, arch: str, img_size: int, drop_path_rate: float) -> nn.Module:

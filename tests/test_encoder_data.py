@@ -211,3 +211,28 @@ def test_image_text_recall_matches_a_plain_loop():
         i2t = np.mean([any(titles[j] == titles[i] for j in np.argsort(-s[i])[:k]) for i in range(30)])
         t2i = np.mean([any(titles[j] == titles[i] for j in np.argsort(-s[:, i])[:k]) for i in range(30)])
         assert got[f"i2t_r@{k}"] == pytest.approx(i2t) and got[f"t2i_r@{k}"] == pytest.approx(t2i)
+
+
+def test_missing_image_file_and_broken_hm_photo_are_named(tmp_path):
+    from encoders.data import hm_items
+
+    ok = tmp_path / "a.png"
+    ok.write_bytes(_png(8, 8))
+    table = pl.DataFrame({"item_id": [1, 2], "image_path": [str(ok), str(tmp_path / "gone.png")]})
+    with pytest.raises(ContractError, match=r"items.csv, column 'image_path', row 1 .*cannot read image file"):
+        items_from_table(table, 8, tmp_path / "cache", source="items.csv")
+    # H&M layout: the error names images.parquet's own column and row (not the joined frame's)
+    hm = tmp_path / "hm"
+    hm.mkdir()
+    pl.DataFrame({"article_id": ["0003", "0001", "0002"], "product_code": ["1", "1", "2"],
+                  "prod_name": ["a", "b", "c"], "product_type_name": ["t", "t", "u"],
+                  "detail_desc": ["x", None, "z"]}).write_csv(hm / "articles.csv")
+    pl.DataFrame({"article_id": ["0003", "0001", "0002"],
+                  "jpeg": [_png(8, 8), _png(9, 9), b"broken"]}).write_parquet(hm / "images.parquet")
+    with pytest.raises(ContractError, match=r"images.parquet, column 'jpeg', row 2 .*cannot decode"):
+        hm_items(8, None, data_dir=str(hm))
+    pl.DataFrame({"article_id": ["0003", "0001", "0002"],
+                  "jpeg": [_png(8, 8), _png(9, 9), _png(5, 5)]}).write_parquet(hm / "images.parquet")
+    items = hm_items(8, None, data_dir=str(hm), held_out=(1.0, 0.0, 0.0))
+    assert items.item_ids.tolist() == [1, 2, 3] and items.group[0] == items.group[2] != items.group[1]
+    assert items.titles[0] == "b, t. "

@@ -55,21 +55,27 @@ def _nll(target, others):
 
 def ref_infonce(q, p, s, *, qk=None, pk=None, h=None, hk=None, u=None, uk=None, symmetric=True, mask=True):
     b = q.shape[0]
+    # with query and positive keys of the same columns, the query's own keys mask candidates too
+    cross = qk is not None and pk is not None and qk.shape[-1] == pk.shape[-1]
     fwd, bwd = [], []
     for i in range(b):
         def fn(j):
             return mask and ((pk is not None and _match(pk[i], pk[j]))
                              or (qk is not None and _match(qk[i], qk[j])))
 
-        others = [s * (q[i] @ p[j]) for j in range(b) if j != i and not fn(j)]
+        def extra(k):  # a hard negative / queue entry with keys k, for query i
+            return mask and k is not None and ((pk is not None and _match(pk[i], k))
+                                               or (cross and _match(qk[i], k)))
+
+        others = [s * (q[i] @ p[j]) for j in range(b)
+                  if j != i and not fn(j) and not (mask and cross and _match(qk[i], pk[j]))]
         if h is not None:
-            others += [s * (q[i] @ h[i, m]) for m in range(h.shape[1])
-                       if not (mask and pk is not None and hk is not None and _match(pk[i], hk[i, m]))]
+            others += [s * (q[i] @ h[i, m]) for m in range(h.shape[1]) if not extra(None if hk is None else hk[i, m])]
         if u is not None:
-            others += [s * (q[i] @ u[n]) for n in range(u.shape[0])
-                       if not (mask and pk is not None and uk is not None and _match(pk[i], uk[n]))]
+            others += [s * (q[i] @ u[n]) for n in range(u.shape[0]) if not extra(None if uk is None else uk[n])]
         fwd.append(_nll(s * (q[i] @ p[i]), others))
-        bwd.append(_nll(s * (p[i] @ q[i]), [s * (p[i] @ q[j]) for j in range(b) if j != i and not fn(j)]))
+        bwd.append(_nll(s * (p[i] @ q[i]), [s * (p[i] @ q[j]) for j in range(b) if j != i and not fn(j)
+                                            and not (mask and cross and _match(pk[i], qk[j]))]))
     loss = torch.stack(fwd).mean()
     return (loss + torch.stack(bwd).mean()) / 2 if symmetric else loss
 
@@ -143,6 +149,31 @@ def test_duplicate_of_the_positive_is_masked_not_a_negative():
     # unmasked, the duplicates do count as negatives
     off = InfoNCE(mask_false_negatives=False)
     assert off(q, p, 3.0, hard_negatives=dup) > off(q, p, 3.0, hard_negatives=h) + 1e-3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_query_own_item_among_candidates_is_masked(symmetric):
+    """Click task: query and positive keys are both [item, group]; a candidate that is the query's
+    own item (another pair's positive, a hard negative, a queue entry) is no negative."""
+    f = features(5)
+    q, p, h, u = (f[k].requires_grad_() for k in ("query", "positive", "hard_negatives", "queue"))
+    qk = PK.roll(1, dims=0).clone()  # query i's item is positive i-1's item: cross matches everywhere
+    qk[0] = torch.tensor([99, -1])
+    hk = HK.clone()
+    hk[3, 1] = qk[3]  # row 3's second hard negative is its own query item
+    uk = UK.clone()
+    uk[1] = qk[6]
+    loss = InfoNCE(symmetric=symmetric)(q, p, 6.0, query_keys=qk, positive_keys=PK, hard_negatives=h,
+                                        hard_negative_keys=hk, queue=u, queue_keys=uk)
+    ref = ref_infonce(q, p, 6.0, qk=qk, pk=PK, h=h, hk=hk, u=u, uk=uk, symmetric=symmetric)
+    _close(loss, ref)
+    for a, b in zip(_grads(loss, [q, p, h]), _grads(ref, [q, p, h])):
+        _close(a, b)
+    # the masked candidates really are left out: the same as without cross-matching keys
+    fresh = torch.full_like(qk, -1)
+    assert not torch.isclose(loss, InfoNCE(symmetric=symmetric)(
+        q, p, 6.0, query_keys=fresh, positive_keys=PK, hard_negatives=h, hard_negative_keys=hk,
+        queue=u, queue_keys=uk))
 
 
 def test_minus_one_keys_never_mask():

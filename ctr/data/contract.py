@@ -38,7 +38,7 @@ class ContractError(ValueError):
     """A table breaks the data contract. Names the file, the column and an example row."""
 
     def __init__(self, source: str, column: str | None, problem: str, rows: list[int] | None = None):
-        self.source, self.column, self.rows = source, column, rows or []
+        self.source, self.column, self.problem, self.rows = source, column, problem, rows or []
         where = f"{source}" + (f", column '{column}'" if column else "")
         if rows:
             shown = ", ".join(str(r) for r in rows[:5])
