@@ -58,8 +58,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
+    # a reused run folder gets its best.ckpt replaced, never a best-v1.ckpt beside a stale one
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=metric,
-                           mode=cfg.monitor.mode, save_top_k=1)
+                           mode=cfg.monitor.mode, save_top_k=1, enable_version_counter=False)
     callbacks = [ckpt]
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,

@@ -340,7 +340,8 @@ class MiniLMTextTower(nn.Module):
     """
 
     def __init__(self, model_dir: str | None = None, freeze: bool = False,
-                 max_length: int = 32, trainable: list[str] | None = None) -> None:
+                 max_length: int = 32, trainable: list[str] | None = None,
+                 dropout: float | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -351,7 +352,8 @@ class MiniLMTextTower(nn.Module):
             raise FileNotFoundError(f"MiniLM model directory not found: {path}")
         path = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, **extra)
         self.max_length, self.freeze = max_length, freeze
         self.out_dim: int = self.model.config.hidden_size
         # partial fine-tuning, e.g. trainable=["encoder.layer.4", "encoder.layer.5"]

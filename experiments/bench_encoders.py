@@ -1,6 +1,6 @@
 """The encoder studies of the encoders issue, one table each (mean ± sd over seeds).
 
-    python experiments/bench_encoders.py sim [--seeds 0 1 2] [--out runs/enc] [-- hydra overrides]
+    python experiments/bench_encoders.py sim [--seeds 0 1 2] [--out runs/enc] [-- hydra overrides ...]
     python experiments/bench_encoders.py hm  [--seeds 0 1 2] [--out runs/enc] [-- hydra overrides]
 
 ``sim``: per seed, ``pretrain`` then ``posttrain`` (started from that pretrain run) on the
@@ -31,7 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+REUSE = False  # --reuse: a run folder that already holds metrics.json is read, not run again
+
+
 def run(preset: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    if REUSE and (out / "metrics.json").exists():
+        print(f"reused {out}", file=sys.stderr, flush=True)
+        return json.loads((out / "metrics.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "encoders.train", f"experiment={preset}", f"seed={seed}", "logger=csv",
            "trainer.enable_progress_bar=false", f"hydra.run.dir={out}", *overrides]
@@ -106,9 +112,13 @@ def main() -> None:
     ap.add_argument("study", choices=["sim", "hm"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_encoders")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
-    args = ap.parse_args()
-    {"sim": sim, "hm": hm}[args.study](args.seeds, args.out.resolve(), args.overrides)
+    ap.add_argument("--reuse", action="store_true", help="read run folders that already hold metrics.json")
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    global REUSE
+    REUSE = args.reuse
+    {"sim": sim, "hm": hm}[args.study](args.seeds, args.out.resolve(), overrides)
 
 
 if __name__ == "__main__":
