@@ -375,6 +375,7 @@ def _ddp_worker(rank, world, store, out):
         queue.enqueue(torch.ones(b, D, dtype=DT) * (rank * b + torch.arange(b))[:, None], x["pk"])
         res["queue"] = queue.get()
         torch.save(res, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
         dist.destroy_process_group()
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
