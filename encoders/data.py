@@ -17,7 +17,6 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -88,7 +87,11 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     if dup:
         raise ContractError(source, "item_id", "duplicate item id", dup)
     raw = items[img_col].to_list()
-    images = build_image_cache(raw, size, cache_dir, source=source, column=img_col)
+    nulls = [i for i, x in enumerate(raw) if x is None]
+    if nulls:
+        raise ContractError(source, img_col, "null image", nulls)
+    fp = images_fingerprint(raw, size, source=source, column=img_col)  # hashed once: cache key and export
+    images = build_image_cache(raw, size, cache_dir, source=source, column=img_col, fingerprint=fp)
     titles = None
     if title_col and title_col in items.columns:
         nulls = bad_rows(items, pl.col(title_col).is_null())
@@ -103,7 +106,7 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     split = split_by_group(group_names, held_out) if held_out else np.full(n, "train")
     return ItemSet(name=source, item_ids=ids.cast(pl.Int64).to_numpy(), images=images, titles=titles,
                    category=category, group=group, split=split,
-                   image_fingerprint=images_fingerprint(raw, size, source=source, column=img_col))
+                   image_fingerprint=fp)
 
 
 def _codes(s: pl.Series) -> np.ndarray:
@@ -125,10 +128,9 @@ def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | Non
     (``held_out`` fractions, stable hash). Category: ``product_type_name``. ``n_items`` keeps the
     first items in article order (for tests).
     """
-    from ctr.data.sources import data_path
+    from ctr.data.sources.catalogues import catalogue_files
 
-    root = data_path(data_dir, "hm_fashion_images_sample")
-    meta_path, img_path = root / "articles.csv", root / "images.parquet"
+    meta_path, img_path = catalogue_files("hm", data_dir)
     need = ["article_id", "product_code", "prod_name", "product_type_name", "detail_desc"]
     found = pl.read_csv(meta_path, n_rows=0, infer_schema=False).columns
     for c in need:
@@ -347,12 +349,4 @@ class TaskBatches(torch.utils.data.Dataset):
             out[name] = torch.from_numpy(inv[at:at + r.size].reshape(r.shape))
             at += r.size
         return out
-
-
-def tokenize_titles(items: ItemSet, tokenize: Callable[[list[str]], dict[str, Tensor]] | None
-                    ) -> dict[str, Tensor] | None:
-    """Tokens of every item's title (once per run; tokenising ~10k titles takes about a second)."""
-    if tokenize is None or items.titles is None:
-        return None
-    return {k: v.contiguous() for k, v in tokenize(items.titles).items()}
 

@@ -78,20 +78,23 @@ def images_fingerprint(images: Sequence[bytes | str | os.PathLike], size: int, *
 
 def build_image_cache(images: Sequence[bytes | str | os.PathLike], size: int,
                       cache_dir: str | os.PathLike | None = None, *, source: str = "images",
-                      column: str = "image", threads: int | None = None) -> np.ndarray:
+                      column: str = "image", threads: int | None = None,
+                      fingerprint: str | None = None) -> np.ndarray:
     """Decode ``images`` once into ``uint8 [N, 3, size, size]``.
 
     With ``cache_dir`` the array is written to ``<cache_dir>/images-<fingerprint>.npy`` (atomically)
     and memory-mapped (copy-on-write); a second call with the same images and size reuses it without
-    decoding. A broken, missing or null image raises :class:`ContractError` naming ``source``,
-    ``column`` and the 0-based row.
+    decoding (``fingerprint``: :func:`images_fingerprint` of the same images, when the caller
+    has it already). A broken, missing or null image raises :class:`ContractError` naming
+    ``source``, ``column`` and the 0-based row.
     """
     nulls = [i for i, x in enumerate(images) if x is None]
     if nulls:
         raise ContractError(source, column, "null image", nulls)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"images-{images_fingerprint(images, size, source=source, column=column)}.npy"
+        fp = fingerprint or images_fingerprint(images, size, source=source, column=column)
+        path = Path(cache_dir) / f"images-{fp}.npy"
         if path.exists():
             return np.load(path, mmap_mode="c")  # copy-on-write: torch-compatible, no copy
     out = np.empty((len(images), 3, size, size), np.uint8)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,6 @@ def run(preset: str, seed: int, out: Path, overrides: list[str]) -> dict:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = time.perf_counter() - t0
-    m["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"done {preset} seed {seed} in {m['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     return m
 
