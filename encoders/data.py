@@ -6,7 +6,7 @@
   (query item, clicked item) pair, the items shown but not clicked in the same request (hard
   negatives), and, for evaluation, each request's query against its clicked items.
 * :class:`TaskBatches`: a map-style dataset whose element ``step`` is one whole multi-task batch
-  (``self_supervised``, ``image_text``, ``click``), cut by vectorised index arithmetic with a
+  (``self_supervised``, ``image_text``, ``click``, ``same_product``), cut by vectorised index arithmetic with a
   generator seeded by (seed, epoch, step). Each distinct image of a batch is sent once
   (``images`` + index tensors per role), so the module encodes it once.
 """
@@ -26,7 +26,7 @@ from torch import Tensor
 from ctr.data.contract import ContractError, bad_rows
 from encoders.images import build_image_cache, images_fingerprint
 
-TASKS = ("self_supervised", "image_text", "click")
+TASKS = ("self_supervised", "image_text", "click", "same_product")
 
 
 @dataclass
@@ -251,7 +251,10 @@ class TaskBatches(torch.utils.data.Dataset):
     module). ``image_text``: training items with their title tokens. ``click``: click pairs with
     ``n_shown`` negatives drawn from the request's shown-but-unclicked items and ``n_category``
     from a pool of items of the positive's category (the shown ones are topped up from that pool
-    when a request has too few). Every distinct image of the step appears once in ``images``;
+    when a request has too few). ``same_product``: training items of product groups with at least
+    two training items, each paired with another item of its group drawn at random (MOON2.0's
+    intra-product alignment: colour variants of one product are positives); ``product_pairs``
+    pairs per step (default ``batch_size``). Every distinct image of the step appears once in ``images``;
     roles index into it.
 
     The epoch length is ``steps`` or, by default, one pass over the largest task's examples.
@@ -260,7 +263,8 @@ class TaskBatches(torch.utils.data.Dataset):
 
     def __init__(self, items: ItemSet, tasks: dict[str, float], batch_size: int, *,
                  clicks: ClickLog | None = None, tokens: dict[str, Tensor] | None = None,
-                 n_shown: int = 4, n_category: int = 4, steps: int | None = None, seed: int = 0):
+                 n_shown: int = 4, n_category: int = 4, product_pairs: int | None = None,
+                 steps: int | None = None, seed: int = 0):
         self.items, self.batch_size, self.seed = items, batch_size, seed
         self.tasks = {t: w for t, w in tasks.items() if w > 0}
         unknown = set(tasks) - set(TASKS)
@@ -276,7 +280,22 @@ class TaskBatches(torch.utils.data.Dataset):
         if len(self.train_rows) == 0:
             raise ValueError(f"item set {items.name} has no training items")
         self.tokens, self.clicks = tokens, clicks
+        # product pool: training rows of groups with >= 2 training items, sorted by group
+        grp = items.group[self.train_rows]
+        g_order = np.argsort(grp, kind="stable")
+        g_sorted = grp[g_order]
+        first = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
+        g_start = np.flatnonzero(first)
+        g_count = np.diff(np.r_[g_start, len(g_sorted)])
+        keep = np.repeat(g_count >= 2, g_count)
+        self.product_pool = self.train_rows[g_order][keep]
+        self.product_start = np.repeat(g_start, g_count)[keep] - np.cumsum(~keep)[keep]
+        self.product_count = np.repeat(g_count, g_count)[keep]
+        if "same_product" in self.tasks and len(self.product_pool) == 0:
+            raise ValueError(f"the same_product task needs product groups with two or more training "
+                             f"items; item set {items.name} has none")
         self.n_shown, self.n_category = n_shown, n_category
+        self.product_pairs = product_pairs or batch_size
         self.keys = torch.from_numpy(items.keys)
         self.images = torch.from_numpy(np.asarray(items.images))  # memory-mapped: no copy
         # category pool over the training items: rows sorted by category, with offsets
@@ -289,6 +308,8 @@ class TaskBatches(torch.utils.data.Dataset):
         self.pool_count = counts
         sizes = [len(self.train_rows)] + ([len(clicks.pairs["train"])] if "click" in self.tasks else [])
         self.steps = steps or max(1, math.ceil(max(sizes) / batch_size))
+        if "same_product" in self.tasks and not steps:
+            self.steps = max(self.steps, math.ceil(len(self.product_pool) / self.product_pairs))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -339,6 +360,13 @@ class TaskBatches(torch.utils.data.Dataset):
                 negs.append(self._category_pool(rng, p, self.n_category))
             roles["query"], roles["positive"] = q, p
             roles["negatives"] = np.concatenate(negs, axis=1) if negs else np.zeros((len(q), 0), np.int64)
+        if "same_product" in self.tasks:
+            n = len(self.product_pool)
+            at = rng.choice(n, size=min(self.product_pairs, n), replace=False)  # pool positions
+            start, count = self.product_start[at], self.product_count[at]
+            other = start + (rng.random(len(at)) * (count - 1)).astype(np.int64)
+            other += other >= at  # skip the anchor itself: another item of its group
+            roles["anchor"], roles["partner"] = self.product_pool[at], self.product_pool[other]
         flat = np.concatenate([r.reshape(-1) for r in roles.values()])
         uniq, inv = np.unique(flat, return_inverse=True)
         out["images"] = self.images[torch.from_numpy(uniq)]

@@ -104,13 +104,14 @@ class ContrastiveDataModule(pl.LightningDataModule):
     chunks. ``tokenize`` is the text tower's tokenizer (None without a text tower)."""
 
     def __init__(self, source, tasks: dict[str, float], image_size: int = 64, batch_size: int = 64,
-                 n_shown: int = 4, n_category: int = 4, steps_per_epoch: int | None = None,
-                 eval_batch_size: int = 256, cache_dir: str | None = None, seed: int = 0,
-                 tokenize=None):
+                 n_shown: int = 4, n_category: int = 4, product_pairs: int | None = None,
+                 steps_per_epoch: int | None = None, eval_batch_size: int = 256,
+                 cache_dir: str | None = None, seed: int = 0, tokenize=None):
         super().__init__()
         self.source, self.tasks = source, {k: float(v) for k, v in tasks.items()}
         self.image_size, self.batch_size = image_size, batch_size
         self.n_shown, self.n_category, self.steps_per_epoch = n_shown, n_category, steps_per_epoch
+        self.product_pairs = product_pairs
         self.eval_batch_size, self.cache_dir, self.seed = eval_batch_size, cache_dir, seed
         self.tokenize = tokenize
         self.items: ItemSet | None = None
@@ -135,8 +136,8 @@ class ContrastiveDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         ds = TaskBatches(self.items, self.tasks, self.batch_size, clicks=self.clicks, tokens=self.tokens,
-                         n_shown=self.n_shown, n_category=self.n_category, steps=self.steps_per_epoch,
-                         seed=self.seed)
+                         n_shown=self.n_shown, n_category=self.n_category,
+                         product_pairs=self.product_pairs, steps=self.steps_per_epoch, seed=self.seed)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # a resumed run's first epoch; the module's epoch hook sets later ones
             ds.set_epoch(trainer.current_epoch)

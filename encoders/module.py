@@ -6,6 +6,8 @@ Tasks (each a loss over L2-normalised projections, with a logit scale of its own
 * ``image_text``: an item image against its title (symmetric InfoNCE).
 * ``click``: a query image against an item clicked in that request (InfoNCE), with the request's
   shown-but-unclicked items and same-category items as hard negatives.
+* ``same_product``: an item image against another item of its product group, e.g. a colour
+  variant (InfoNCE; MOON2.0's intra-product alignment).
 
 False negatives (the same item, the same product group) are masked in every task. ``queue_size``
 keeps a MoCo-style memory of past positive-side embeddings (titles for ``image_text``, clicked
@@ -67,7 +69,7 @@ class ContrastiveModule(pl.LightningModule):
         self.info_nce = InfoNCE(symmetric=symmetric)
         self.nt_xent = NTXent()
         self.queues = nn.ModuleDict({t: EmbeddingQueue(embed_dim, queue_size, n_keys=2)
-                                     for t in self.tasks if t in ("image_text", "click") and queue_size > 0})
+                                     for t in self.tasks if t != "self_supervised" and queue_size > 0})
         self.evaluation: dict | None = None  # set by the data module: what validation/test measure
         self._t_end: float | None = None
         self._delayed: list[nn.Parameter] = []
@@ -101,6 +103,10 @@ class ContrastiveModule(pl.LightningModule):
             rows = batch["items"]
             q, p = emb[rows], self.embed_texts(batch["tokens"])
             qk = pk = keys[rows]
+            hard = hard_k = None
+        elif task == "same_product":
+            q, p = emb[batch["anchor"]], emb[batch["partner"]]
+            qk, pk = keys[batch["anchor"]], keys[batch["partner"]]
             hard = hard_k = None
         else:  # click
             q, p = emb[batch["query"]], emb[batch["positive"]]
@@ -265,9 +271,9 @@ class ContrastiveModule(pl.LightningModule):
 
 
 def _batch_samples(batch: dict) -> int:
-    """Training examples in a multi-task batch (click pairs plus items)."""
+    """Training examples in a multi-task batch (items, click pairs and product pairs)."""
     n = 0
-    for k in ("items", "query"):
+    for k in ("items", "query", "anchor"):
         if k in batch:
             n += int(batch[k].shape[0])
     return n

@@ -155,6 +155,37 @@ def test_task_batches_roles_index_the_unique_images(sim, sim_items):
     assert torch.equal(b["keys"][:, 0], rows)
 
 
+def test_same_product_pairs_are_other_items_of_the_group(sim_items):
+    from dataclasses import replace
+    n = len(sim_items)
+    group = np.arange(n) // 3  # groups of 3, the last ones held out or single
+    group[-1] = 10_000  # a group of one: never an anchor or a partner
+    split = np.where(group % 5 == 4, "test", "train")
+    items = replace(sim_items, group=group.astype(np.int64), split=split)
+    ds = TaskBatches(items, {"same_product": 1.0}, 12, seed=1)
+    train = set(items.rows("train").tolist())
+    seen_partners = set()
+    for step in range(len(ds)):
+        b = ds[step]
+        a, p = b["rows"][b["anchor"]].numpy(), b["rows"][b["partner"]].numpy()
+        assert len(a) == 12 and len(set(a.tolist())) == 12
+        assert (a != p).all() and (group[a] == group[p]).all()
+        assert set(a.tolist()) <= train and set(p.tolist()) <= train
+        assert n - 1 not in set(a.tolist()) | set(p.tolist())
+        seen_partners |= {(int(x), int(y)) for x, y in zip(a, p)}
+    # both other members of a group of three get drawn as partners (over epochs)
+    for epoch in range(1, 40):
+        ds.set_epoch(epoch)
+        for step in range(len(ds)):
+            b = ds[step]
+            a, p = b["rows"][b["anchor"]].numpy(), b["rows"][b["partner"]].numpy()
+            seen_partners |= {(int(x), int(y)) for x, y in zip(a, p)}
+    assert {y for x, y in seen_partners if x == 0} == {1, 2}
+    single = replace(sim_items, group=np.arange(n, dtype=np.int64))
+    with pytest.raises(ValueError, match="two or more training items"):
+        TaskBatches(single, {"same_product": 1.0}, 8)
+
+
 def test_task_batches_need_their_inputs(sim_items):
     with pytest.raises(ValueError, match="click log"):
         TaskBatches(sim_items, {"click": 1.0}, 8)
