@@ -1,15 +1,13 @@
-"""`make run`: the main job on the built-in default data.
+"""`make run`: the main job on the built-in default data: the three-stage pipeline.
 
-Simulates the default visual-search advertising traffic (cached by its config's fingerprint),
-prepares it, trains DIN and prints the metrics table: the production log's test split, the
-uniform-random exposure log, and the ``true_ctr`` oracle beside each. Any Hydra override works:
-``python -m ctr.main trainer.max_epochs=2``.
+Pretrains an image encoder (ImageNet EfficientNet-Lite0, contrastive views + image-title pairs) on
+the simulator's catalogue, post-trains it on the simulated clicks, exports both item tables,
+and trains the CTR model without and with them (and with the debiasing network), printing one
+table beside the ``true_ctr`` oracle. See :mod:`ctr.pipeline`; its arguments work here too:
+``python -m ctr.main --seeds 0 1 2``.
 """
 
-import sys
-
-from ctr.train import main as train_main
+from ctr.pipeline import main
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "experiment=sim_din", *sys.argv[1:]]
-    train_main()
+    main()

@@ -17,18 +17,27 @@ class CTRModule(pl_.LightningModule):
 
     ``eval_splits`` names the test dataloaders in order (e.g. ``["test", "test_random"]``); their
     metrics are logged as ``<split>/<metric>``. Embedding tables get their own weight decay.
+    A model's ``aux_loss(batch)`` (e.g. the debiasing network's contrastive loss) is added to the
+    training loss. ``slices`` maps a name to a boolean mask over item rows ([N + 1], indexed by
+    ``batch.refs["item_id"]``), e.g. the low-impression items: each eval split is then also
+    measured on those impressions alone, as ``<split>/<slice>/<metric>``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  embedding_weight_decay: float = 0.0, optimizer: str = "adam",
-                 eval_splits: tuple[str, ...] = ("test",)):
+                 eval_splits: tuple[str, ...] = ("test",), slices: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "slices"])
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.eval_splits = list(eval_splits)
         self.val_metrics = ctr_metrics("val/")
         self.test_metrics = nn.ModuleList([ctr_metrics(f"{s}/") for s in self.eval_splits])
+        self.slice_names = list(slices or {})
+        for name, m in (slices or {}).items():
+            self.register_buffer(f"slice_{name}", m.bool(), persistent=False)
+        self.slice_metrics = nn.ModuleList([
+            nn.ModuleList([ctr_metrics(f"{s}/{name}/") for name in self.slice_names]) for s in self.eval_splits])
         self.train_samples = 0
         self.train_seconds = 0.0
         self._t_prev: float | None = None
@@ -46,6 +55,11 @@ class CTRModule(pl_.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss_fn(logits, batch.label)
+        aux = self.model.aux_loss(batch) if hasattr(self.model, "aux_loss") else None
+        if aux is not None:
+            self.log("train/aux_loss", aux, batch_size=len(batch))
+            self.log("train/ctr_loss", loss, batch_size=len(batch))
+            loss = loss + aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}, "
                                      f"batch {batch_idx}")
@@ -69,9 +83,13 @@ class CTRModule(pl_.LightningModule):
         return self.train_samples / self.train_seconds if self.train_seconds else float("nan")
 
     # ---- evaluation -------------------------------------------------------------------------
-    def _update(self, metrics, batch: Batch) -> None:
+    def _update(self, metrics, batch: Batch, slices=None) -> None:
         probs = torch.sigmoid(self(batch).float())
         metrics.update(probs, batch.label, groups=batch.group)
+        for name, m in zip(self.slice_names, slices or []):
+            keep = getattr(self, f"slice_{name}")[batch.refs["item_id"]]
+            if keep.any():
+                m.update(probs[keep], batch.label[keep], groups=batch.group[keep])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update(self.val_metrics, batch)
@@ -81,11 +99,12 @@ class CTRModule(pl_.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(self.test_metrics[dataloader_idx], batch)
+        self._update(self.test_metrics[dataloader_idx], batch, self.slice_metrics[dataloader_idx])
 
     def on_test_epoch_end(self) -> None:
-        for m in self.test_metrics:
-            self.log_dict(m.compute(), add_dataloader_idx=False)
+        for m in [*self.test_metrics, *(x for ms in self.slice_metrics for x in ms)]:
+            if next(iter(m.values())).update_count:
+                self.log_dict(m.compute(), add_dataloader_idx=False)
             m.reset()
 
     # ---- optimiser --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def start_run(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path):
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     """The Lightning trainer of ``cfg.trainer`` with best-checkpointing (and early stopping when
     ``cfg.monitor.patience`` is set) on ``cfg.monitor.metric`` (null: the last epoch is kept),
     the configured loggers, and the
@@ -60,8 +60,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
     # a reused run folder gets its best.ckpt replaced, never a best-v1.ckpt beside a stale one
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=metric,
-                           mode=cfg.monitor.mode, save_top_k=1, enable_version_counter=False)
-    callbacks = [ckpt]
+                           mode=cfg.monitor.mode, save_top_k=1, enable_version_counter=False,
+                           save_last=True)  # checkpoints/last.ckpt: what `resume=true` continues from
+    callbacks = [ckpt, *(extra_callbacks or [])]
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
                                        patience=cfg.monitor.patience))
@@ -73,6 +74,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write(run_dir / "env.json", json.dumps(environment(), indent=1))
     return trainer, ckpt, loggers
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=true`` and an interrupted run in ``run_dir``: its last checkpoint (else None)."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if cfg.get("resume") and last.exists() else None
 
 
 def best_checkpoint(cfg: DictConfig, ckpt) -> str | None:

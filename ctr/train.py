@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctr.runs import best_checkpoint, best_epoch, build_trainer, finish_run, section, start_run
+from ctr.runs import resume_checkpoint, best_checkpoint, best_epoch, build_trainer, finish_run, section, start_run
 
 
 def oracle_metrics(split_dir: Path) -> dict | None:
@@ -36,6 +36,26 @@ def oracle_metrics(split_dir: Path) -> dict | None:
     return {k: float(v) for k, v in m.compute().items()}
 
 
+def item_slices(meta: dict, spec: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Item-row masks of the evaluation slices. ``spec``: name -> {"max_quantile": q} (the items
+    whose train impressions are at most the q-quantile over items: the low-impression items)."""
+    import polars as pl
+
+    if not spec:
+        return {}, {}
+    if not meta.get("items"):
+        raise ValueError("evaluation slices need item rows: add `item_refs: [item_id]` to the data settings")
+    imp = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"])["train_impressions"].to_numpy()
+    masks, info = {}, {}
+    for name, s in spec.items():
+        q = float(s["max_quantile"])
+        t = float(np.quantile(imp, q))
+        m = np.r_[False, imp <= t]
+        masks[name] = torch.from_numpy(m)
+        info[name] = {"max_train_impressions": t, "items": int(m.sum()), "of": int(len(imp))}
+    return masks, info
+
+
 def train(cfg: DictConfig) -> dict:
     """Prepare data, fit, reload the best checkpoint, test; write and return ``metrics.json``."""
     from hydra.utils import instantiate
@@ -47,13 +67,18 @@ def train(cfg: DictConfig) -> dict:
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     prepare_s = time.perf_counter() - t0
-    meta = dm.meta
+    meta = {**dm.meta, "path": str(dm.artefact.path)}
+    describe = getattr(dm.source, "describe", None)
+    if describe is not None:
+        meta["source_config"] = describe()
     model = instantiate(cfg.model, _convert_="all")(meta=meta)
-    module = CTRModule(model, eval_splits=tuple(dm.eval_splits), **cfg.optim)
+    spec = OmegaConf.to_container(cfg.slices, resolve=True) if cfg.get("slices") else {}
+    slices, slice_info = item_slices(meta, spec)
+    module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices, **cfg.optim)
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
 
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
     fit_s = time.perf_counter() - t_fit
     best = best_checkpoint(cfg, ckpt)
     val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
@@ -69,6 +94,8 @@ def train(cfg: DictConfig) -> dict:
         "splits": meta["splits"],
         "val": section("val", val),
         **{s: section(s, test_all) for s in dm.eval_splits},
+        "slices": slice_info,
+        "visual": _visual_info(model),
         "oracle": {s: oracle_metrics(dm.artefact.split_dir(s)) for s in dm.eval_splits
                    if (dm.artefact.split_dir(s) / "extra.true_ctr.npy").exists()},
         "best_epoch": best_epoch(ckpt),
@@ -84,6 +111,14 @@ def train(cfg: DictConfig) -> dict:
     if not metrics["oracle"]:
         del metrics["oracle"]
     return finish_run(run_dir, metrics, loggers)
+
+
+def _visual_info(model) -> dict | None:
+    v = getattr(model, "visual", None)
+    if v is None:
+        return None
+    return {**getattr(v, "source", {}), "mode": v.mode, "debias": bool(v.debias is not None),
+            "debias_pairs": v.pair_stats or None}
 
 
 def format_table(metrics: dict) -> str:

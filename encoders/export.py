@@ -56,18 +56,26 @@ def export_embeddings(module, loader, item_ids: np.ndarray, image_fingerprint: s
             emb = np.zeros((len(item_ids), z.shape[1]), np.float32)
         emb[chunk["rows"].numpy()] = z
     module.train(was_training)
+    write_table(item_ids, emb, out_dir, fp, {"image_fingerprint": image_fingerprint, **(extra or {})})
+    return path, fp, False
+
+
+def write_table(item_ids: np.ndarray, emb: np.ndarray, out_dir: str | os.PathLike, fingerprint: str,
+                extra: dict | None = None) -> Path:
+    """Write an ``item_id -> embedding`` table and its JSON sidecar (both atomically)."""
+    path = table_path(out_dir, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
     df = pl.DataFrame({"item_id": np.asarray(item_ids, np.int64),
                        "embedding": pl.Series(emb).cast(pl.Array(pl.Float32, emb.shape[1]))})
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     df.write_parquet(tmp)
-    side = {"fingerprint": fp, "dim": int(emb.shape[1]), "n_items": int(len(item_ids)),
-            "image_fingerprint": image_fingerprint, **(extra or {})}
+    side = {"fingerprint": fingerprint, "dim": int(emb.shape[1]), "n_items": int(len(item_ids)), **(extra or {})}
     side_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     side_tmp.write_text(json.dumps(side, indent=1, default=str) + "\n")
     os.replace(side_tmp, path.with_suffix(".json"))
     os.replace(tmp, path)
-    return path, fp, False
+    return path
 
 
 def load_embeddings(fingerprint: str, out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -26,8 +26,10 @@ warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode") 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback
 
-from ctr.runs import best_checkpoint, best_epoch, build_trainer, finish_run, section, start_run
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, finish_run, resume_checkpoint, section,
+                      start_run)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -85,13 +87,14 @@ def train(cfg: DictConfig) -> dict:
     data_s = time.perf_counter() - t0
     module.evaluation = dm.evaluation
 
-    trainer, ckpt, loggers = build_trainer(cfg, run_dir)
+    epoch_export = EpochExport(dm, cfg.paths.embeddings_dir, run_dir) if cfg.get("export_epochs") else None
+    trainer, ckpt, loggers = build_trainer(cfg, run_dir, [epoch_export] if epoch_export else None)
 
     # the encoder before training: the baseline that this run's training must beat
     before = {"val": section("val", trainer.validate(module, datamodule=dm, verbose=False)[0]),
               "test": section("test", trainer.test(module, datamodule=dm, verbose=False)[0])}
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
     fit_s = time.perf_counter() - t_fit
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")}
     best = best_checkpoint(cfg, ckpt)
@@ -125,7 +128,35 @@ def train(cfg: DictConfig) -> dict:
         "checkpoint": best,
         "embeddings": {"fingerprint": emb_fp, "path": str(emb_path), "reused": reused},
     }
+    if epoch_export is not None:
+        metrics["epoch_tables"] = epoch_export.tables
     return finish_run(run_dir, metrics, loggers)
+
+
+class EpochExport(Callback):
+    """``export_epochs=true``: export the item table before training and after every epoch, with
+    (checkpoints along training: the encoder variants of ``experiments/exchange_rate.py``).
+    ``tables`` lists them, oldest first (a resumed run lists the epochs it trained itself)."""
+
+    def __init__(self, dm, out_dir: str, run_dir: Path):
+        self.dm, self.out_dir, self.run_dir = dm, out_dir, run_dir
+        self.tables: list[dict] = []
+
+    def _export(self, trainer, module, epoch: int) -> None:
+        from encoders.export import export_embeddings
+
+        _, fp, _ = export_embeddings(module, self.dm.all_items(), self.dm.items.item_ids,
+                                     self.dm.items.image_fingerprint, self.out_dir,
+                                     extra={"run_dir": str(self.run_dir), "epoch": epoch, "items": self.dm.items.meta})
+        self.tables.append({"epoch": epoch, "fingerprint": fp})
+
+    def on_train_start(self, trainer, module) -> None:
+        if not self.tables:
+            self._export(trainer, module, -1)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._export(trainer, module, trainer.current_epoch)
 
 
 def _float(x) -> float | None:

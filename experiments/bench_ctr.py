@@ -1,6 +1,12 @@
 """Benchmark of the CTR presets: train samples/s, peak memory and test metrics, one table.
 
     python experiments/bench_ctr.py [--presets ml100k_din ml100k_dnn sim_din] [--seeds 0 1 2]
+        [--columns test/auc test_random/logloss ...]
+
+``--columns`` (``<split>/<metric>``, e.g. ``test_random/low_impression/ece``) adds a second table of
+those metrics, mean ± std over the seeds. The Open Bandit position-bias study:
+``--presets obd_bts obd_bts_position_tower --seeds 0 1 2 --columns test/auc test_random/auc
+test_random/logloss test_random/calibration test_random/ece``.
 
 Each (preset, seed) runs in a fresh process (so peak RSS is its own) through the real Hydra
 configs; extra Hydra overrides go after ``--``. Needs CTR_DATA_DIR for the ML100K presets.
@@ -48,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["ml100k_din", "ml100k_dnn", "sim_din"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--columns", nargs="*", default=[], metavar="SPLIT/METRIC")
     ap.add_argument("--one", nargs=3, metavar=("PRESET", "SEED", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = ap.parse_args()
@@ -65,6 +72,31 @@ def main() -> None:
                 rows.append((preset, json.loads((out / "bench.json").read_text())))
                 print(f"done {preset} seed {seed}", file=sys.stderr)
     print_table(rows)
+    if args.columns:
+        print()
+        print_columns(rows, args.columns)
+
+
+def _ms(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+
+
+def print_columns(rows: list[tuple[str, dict]], columns: list[str]) -> None:
+    """Chosen ``<split>/<metric>`` columns per preset, mean ± std over its seeds."""
+    by: dict[str, list[dict]] = {}
+    for preset, m in rows:
+        by.setdefault(preset, []).append(m)
+    print("| " + " | ".join(["preset", "seeds", *columns]) + " |")
+    print("|" + "---|" * (len(columns) + 2))
+    for preset, ms_ in by.items():
+        cells = []
+        for c in columns:
+            split, metric = c.split("/", 1)
+            cells.append(_ms([(m.get(split) or {}).get(metric) for m in ms_]))
+        print("| " + " | ".join([preset, str(len(ms_)), *cells]) + " |")
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:

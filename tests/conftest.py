@@ -18,7 +18,8 @@ from ctr.data.sources.simulator import SimulatorSource  # noqa: E402
 SIM_SETTINGS = PrepareSettings(
     sparse=["user_id", "item_id", "category", "segment", "age_group", "query_item_id", "position"],
     sequence=SequenceSpec(max_len=20, clicked_only=True, side=["category"]),
-    order=["timestamp", "request_id", "position"], keep=["true_ctr", "position"])
+    order=["timestamp", "request_id", "position"], keep=["true_ctr", "position"],
+    item_refs=["item_id", "query_item_id"])
 
 
 def data_dir() -> Path:
@@ -44,3 +45,31 @@ def ml100k(cache_dir):
     from ctr.data.sources.movielens import PROTOCOL, MovieLens100K
 
     return prepare(MovieLens100K(), PROTOCOL, cache_dir)
+
+
+def attribute_vectors(item_truth, dim: int = 16, seed: int = 0):
+    """Item vectors that encode the simulator's true attributes (one-hots of category, colour,
+    pattern and shade through a fixed random map, plus a little noise): a stand-in for a trained
+    image encoder in the CTR model's tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cols = ["category_idx", "colour_idx", "pattern_idx", "shade_idx"]
+    onehots = [np.eye(int(item_truth[c].max()) + 1)[item_truth[c].to_numpy()] for c in cols]
+    x = np.concatenate(onehots, axis=1)
+    v = x @ rng.normal(size=(x.shape[1], dim)) + 0.1 * rng.normal(size=(len(x), dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def sim_table(tmp_path_factory):
+    """An exported-format embedding table for the tiny simulator: (directory, fingerprint)."""
+    from ctr.data.sources.simulator import SimulatorSource, simulate
+    from encoders.export import write_table
+
+    src = SimulatorSource("tiny", seed=0)
+    d = simulate(src.config())
+    out = tmp_path_factory.mktemp("embeddings")
+    write_table(d.item_truth["item_id"].to_numpy(), attribute_vectors(d.item_truth), out, "attrs0000tiny000",
+                {"items": {**src.describe(), "click_split": None}})
+    return out, "attrs0000tiny000"

@@ -131,6 +131,39 @@ def test_missing_feature_and_bad_reference(tmp_path):
     assert not list(tmp_path.glob(".tmp-*")), "a failed build leaves no half-written artefact"
 
 
+def test_item_rows_cover_every_item_and_align_with_histories(tiny_sim):
+    items = pl.read_parquet(tiny_sim.path / "items.parquet")
+    d = simulate(SimulatorSource("tiny", seed=0).config())
+    assert items.height == d.items.height == tiny_sim.meta["items"]["rows"]
+    assert items["row"].to_list() == list(range(1, items.height + 1))
+    ids = np.r_[0, items["item_id"].to_numpy()]  # row -> item_id (row 0: none)
+    vocab = pl.read_parquet(tiny_sim.path / "vocab" / "item_id.parquet")
+    code = np.ones(ids.max() + 1, dtype=np.int64)
+    code[vocab["item_id"].to_numpy()] = vocab["index"].to_numpy()
+    for split in ("train", "test", "test_random"):
+        sd = tiny_sim.path / split
+        ref, qref = np.load(sd / "ref.item_id.npy"), np.load(sd / "ref.query_item_id.npy")
+        assert (ref > 0).all() and (qref > 0).all()
+        # the row and the train vocabulary name the same item (unseen items: OOV id 1, row kept)
+        assert (code[ids[ref]] == np.load(sd / "sparse.item_id.npy")).all()
+        h, hr = np.load(sd / "hist.item_id.npy"), np.load(sd / "histref.item_id.npy")
+        assert ((h == 0) == (hr == 0)).all()
+        assert (code[ids[hr[hr > 0]]] == h[hr > 0]).all()
+    # train impressions and clicks per item add up to the train split
+    sp = tiny_sim.meta["splits"]["train"]
+    assert items["train_impressions"].sum() == sp["rows"]
+    assert items["train_clicks"].sum() == round(sp["ctr"] * sp["rows"])
+
+
+def test_item_refs_must_name_known_items(tmp_path):
+    t = small_log()
+    ev = t.events.with_columns(pl.Series("query_item_id", [10, 11, 12, 99, 10, 11, 12, 13, 14, 15]))
+    with pytest.raises(ContractError, match=r"query_item_id.*row 3|row 3.*query_item_id"):
+        prepare(FrameSource(Tables(events=ev, items=t.items)),
+                PrepareSettings(sparse=["item_id"], sequence=None, item_refs=["item_id", "query_item_id"]),
+                tmp_path)
+
+
 def test_extra_eval_split_uses_train_vocab(tiny_sim):
     sp = tiny_sim.meta["splits"]
     assert set(sp) == {"train", "val", "test", "test_random"}

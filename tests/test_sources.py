@@ -45,6 +45,24 @@ def test_open_bandit_all_logs(cache_dir):
         OpenBandit(campaigns=["kids"])
 
 
+def test_open_bandit_random_log_held_out(cache_dir):
+    data_dir()
+    src = OpenBandit(policies=["bts"], eval_policies=["random"])
+    t = src.load()
+    assert t.events.height == 30_000 and set(t.events["policy"].unique()) == {"bts"}
+    rnd = t.extra_events["test_random"]
+    assert rnd.height == 30_000 and set(rnd["policy"].unique()) == {"random"}
+    # request ids never collide across the logs
+    assert len(set(t.events["request_id"]) & set(rnd["request_id"])) == 0
+    settings = PrepareSettings(**{**PRESET.__dict__, "sparse": [f for f in PRESET.sparse if f != "policy"]})
+    a = prepare(src, settings, cache_dir)
+    sp = a.meta["splits"]
+    assert sp["test_random"]["rows"] == 30_000 and sp["train"]["rows"] + sp["val"]["rows"] + sp["test"]["rows"] == 30_000
+    assert src.fingerprint() != OpenBandit(policies=["bts"]).fingerprint()
+    with pytest.raises(ValueError, match="both trained on and held out"):
+        OpenBandit(policies=["bts", "random"], eval_policies=["random"])
+
+
 def test_parquet_source_round_trip(tmp_path, cache_dir):
     events = pl.DataFrame({"request_id": [1, 2, 3, 4], "user_id": ["a", "a", "b", "b"],
                            "item_id": [1, 2, 1, 3], "clicked": [1, 0, 0, 1],

@@ -21,16 +21,20 @@ def compose_run(overrides, tmp_path, cache_dir):
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path / "run")
         cfg.paths.cache_dir = str(cache_dir)
+        cfg.paths.embeddings_dir = str(tmp_path / "embeddings")
         if "SimulatorSource" in cfg.data.source._target_:
             cfg.data.source.preset = "tiny"
     return cfg
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_every_preset(experiment, tmp_path, cache_dir):
+def test_fast_dev_run_every_preset(experiment, tmp_path, cache_dir, sim_table):
     if not experiment.startswith("sim"):
         data_dir()
     cfg = compose_run([f"experiment={experiment}", "trainer.fast_dev_run=true"], tmp_path, cache_dir)
+    if cfg.model.get("visual"):  # an exported table of the tiny simulator's items
+        with open_dict(cfg):
+            cfg.model.visual.table, cfg.model.visual.embeddings_dir = sim_table[1], str(sim_table[0])
     metrics = train(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["experiment"] == experiment
@@ -41,6 +45,12 @@ def test_fast_dev_run_every_preset(experiment, tmp_path, cache_dir):
     run = tmp_path / "run"
     assert (run / "config.yaml").exists() and json.loads((run / "env.json").read_text())["packages"]["torch"]
     assert "test" in format_table(metrics)
+    if cfg.get("slices"):  # the low-impression items, measured apart
+        assert saved["slices"]["low_impression"]["items"] > 0
+        assert set(saved["test_random"]) >= {"low_impression/auc", "low_impression/ece"}
+    if cfg.model.get("visual"):
+        assert saved["visual"]["fingerprint"] == sim_table[1]
+        assert saved["visual"]["debias"] == bool(cfg.model.visual.debias)
 
 
 def test_sim_reports_true_ctr_oracle(tmp_path, cache_dir):

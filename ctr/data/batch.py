@@ -22,6 +22,9 @@ class Batch:
     label: [B] float 0/1
     group: [B] int64 group (user) index, for GAUC
     extra: evaluation-only columns (never features), e.g. true_ctr, position
+    refs: item rows (1-based rows of the artefact's items.parquet, 0 none) of the columns listed in
+        the settings' ``item_refs`` ([B] each) and of the history items (``hist.item_id``: [B, L]),
+        for content features such as frozen image embeddings
     """
 
     sparse: dict[str, Tensor]
@@ -31,6 +34,7 @@ class Batch:
     seq_len: Tensor | None = None
     dense: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    refs: dict[str, Tensor] = field(default_factory=dict)
 
     def _map(self, fn) -> "Batch":
         out = {}
@@ -78,6 +82,8 @@ class TensorStore(torch.utils.data.Dataset):
         self.dense = load(d / "dense.npy") if (d / "dense.npy").exists() else None
         names = [p.name[6:-4] for p in sorted(d.glob("extra.*.npy"))]
         self.extra = {n: load(d / f"extra.{n}.npy") for n in names if extra is None or n in extra}
+        self.refs = {p.name[4:-4]: load(p) for p in sorted(d.glob("ref.*.npy"))}
+        self.refs.update({"hist." + p.name[8:-4]: load(p) for p in sorted(d.glob("histref.*.npy"))})
 
     def __len__(self) -> int:
         return self.label.shape[0]
@@ -92,4 +98,5 @@ class TensorStore(torch.utils.data.Dataset):
             seq_len=None if self.seq_len is None else self.seq_len[idx],
             dense=None if self.dense is None else self.dense[idx],
             extra={k: v[idx] for k, v in self.extra.items()},
+            refs={k: v[idx] for k, v in self.refs.items()},
         )

@@ -79,6 +79,11 @@ class PrepareSettings:
     min_count: int | dict[str, int] = 1
     group_key: str = "user_id"  # GAUC groups
     keep: list[str] = field(default_factory=list)  # evaluation-only columns (e.g. true_ctr)
+    # columns holding item ids (e.g. item_id, query_item_id) also written as *item rows*: the
+    # item's row in the artefact's items.parquet + 1 (0: none), over every item of the items table,
+    # not a train-fitted vocabulary, so that content features (image embeddings) reach items never
+    # seen in train; with a sequence, the history items' rows too (histref.item_id)
+    item_refs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.sequence, dict):
@@ -130,7 +135,11 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> pl.DataFrame:
     if t.items is not None:
         items = validate(t.items, "items", t.names.get("items", "items"))
         for name, frame in zip(["__main", *t.extra_events], frames):
-            check_references(frame, items, "item_id", t.names.get("events" if name == "__main" else name, name))
+            where = t.names.get("events" if name == "__main" else name, name)
+            for col in dict.fromkeys(["item_id", *settings.item_refs]):
+                if col not in frame.columns:
+                    raise ContractError(where, col, "item_refs column not found in the events")
+                check_references(frame, items, "item_id", where, column=col)
         drop = [c for c in ("title", "image", "image_path") if c in items.columns]
         clash = (set(items.columns) - {"item_id"} - set(drop)) & set(df.columns)
         if clash:
@@ -141,7 +150,8 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> pl.DataFrame:
         users = validate(t.users, "users", t.names.get("users", "users"))
         check_references(events, users, "user_id", ev_name)
         df = df.join(users, on="user_id", how="left", maintain_order="left")
-    needed = set(settings.sparse) | set(settings.dense) | set(settings.keep) | set(settings.order)
+    needed = (set(settings.sparse) | set(settings.dense) | set(settings.keep) | set(settings.order)
+              | set(settings.item_refs))
     if settings.sequence is not None:
         needed |= set(settings.sequence.side)
     missing = sorted(needed - set(df.columns))
@@ -184,6 +194,30 @@ def _fit_vocab(train_values: pl.Series, min_count: int) -> pl.DataFrame:
 def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
     encoded = values.replace_strict(vocab[values.name], vocab["index"], default=1, return_dtype=pl.Int32)
     return encoded.fill_null(1).to_numpy()
+
+
+def _item_rows(t: Tables, df: pl.DataFrame, s: PrepareSettings, is_train: np.ndarray,
+               out: Path, source_name: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Item rows (1-based, 0 for a null) of the ``item_refs`` columns, and the artefact's item table
+    (``items.parquet``: ``row``, the items' own columns but title/image, and their train
+    impressions and clicks)."""
+    if t.items is None:
+        raise ContractError(source_name, s.item_refs[0], "item_refs need an items table")
+    items = t.items.drop([c for c in ("title", "image", "image_path") if c in t.items.columns])
+    items = items.sort("item_id").with_columns((pl.int_range(pl.len()) + 1).cast(pl.Int32).alias("row"))
+    refs = {}  # every id was checked against the items table by _join_tables
+    for name in s.item_refs:
+        codes = df[name].replace_strict(items["item_id"], items["row"], default=0, return_dtype=pl.Int32)
+        refs[name] = codes.fill_null(0).to_numpy()
+    if "item_id" in refs:
+        n = items.height + 1
+        lab = df["clicked"].cast(pl.Int64).to_numpy()
+        r = refs["item_id"][is_train]
+        items = items.with_columns(
+            pl.Series("train_impressions", np.bincount(r, minlength=n)[1:].astype(np.int64)),
+            pl.Series("train_clicks", np.bincount(r, weights=lab[is_train], minlength=n)[1:].astype(np.int64)))
+    items.write_parquet(out / "items.parquet")
+    return refs, {"rows": items.height, "refs": list(s.item_refs), "file": "items.parquet"}
 
 
 def _histories(uid: np.ndarray, ts: np.ndarray, pool: np.ndarray, codes: dict[str, np.ndarray],
@@ -271,13 +305,16 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     group_codes = df[s.group_key].rank("dense").cast(pl.Int64).to_numpy() - 1
     label = df["clicked"].cast(pl.Float32).to_numpy()
     ts = df["timestamp"].dt.epoch("us").to_numpy()
+    refs, items_meta = (_item_rows(t, df, s, is_train, out, source_name) if s.item_refs else ({}, None))
     hist, hist_len = {}, None
     if s.sequence is not None:
         uid = df["user_id"].rank("dense").cast(pl.Int64).to_numpy()
         pool = label > 0.5 if s.sequence.clicked_only else np.ones(len(label), dtype=bool)
         when = ts if s.sequence.earlier == "time" else np.arange(len(ts))  # df is in log order
-        hist, hist_len = _histories(uid, when, pool, {n: codes[n] for n in ["item_id", *seq_side]},
-                                    s.sequence.max_len)
+        seq_codes = {n: codes[n] for n in ["item_id", *seq_side]}
+        if "item_id" in refs:
+            seq_codes["ref:item_id"] = refs["item_id"]
+        hist, hist_len = _histories(uid, when, pool, seq_codes, s.sequence.max_len)
     splits = {}
     for split in dict.fromkeys([*SPLITS, *t.extra_events]):
         m = split_col == split
@@ -289,7 +326,10 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
         for name in s.sparse:
             np.save(d / f"sparse.{name}.npy", codes[name][m])
         for name, h in hist.items():
-            np.save(d / f"hist.{name}.npy", h[m])
+            ref = name.startswith("ref:")
+            np.save(d / (f"histref.{name[4:]}.npy" if ref else f"hist.{name}.npy"), h[m])
+        for name, r in refs.items():
+            np.save(d / f"ref.{name}.npy", r[m])
         if hist_len is not None:
             np.save(d / "hist_len.npy", hist_len[m])
         if dense is not None:
@@ -314,6 +354,7 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
         "dense": s.dense,
         "dense_stats": dense_stats,
         "keep": s.keep,
+        "items": items_meta,
         "splits": splits,
     }
 

@@ -25,6 +25,12 @@ class CTRModel(nn.Module):
     (default) embeds history items with the target's tables; False gives them tables of their own. The query of the sequence
     arch is the target's embeddings of the same features as the history (item_id and its side
     features).
+
+    ``visual`` builds a :class:`ctr.models.visual.VisualArch` from (meta, embedding_dim): frozen item
+    vectors that join the item-ID embedding of the target and of each history item (``sum`` /
+    ``concat``) or initialise it (``init``), bias the target attention by visual similarity, and
+    add SimTier and query features; its debiasing loss is :meth:`aux_loss`. ``position`` adds a
+    shallow position-bias tower (:class:`PositionTower`) to the logit in training only.
     """
 
     def __init__(self, meta: dict, embedding_dim: int = 32,
@@ -32,7 +38,8 @@ class CTRModel(nn.Module):
                  over_hidden: list[int] = (200, 80), over_act: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, embedding_dropout: float = 0.0,
                  init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
-                 wide: bool = False, length_feature: bool = False, share_history_tables: bool = True):
+                 wide: bool = False, length_feature: bool = False, share_history_tables: bool = True,
+                 visual: Callable[..., nn.Module] | None = None, position: dict | None = None):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -50,16 +57,31 @@ class CTRModel(nn.Module):
             tables.update({f"hist__{n}": meta["vocab_sizes"][n] for n in self.seq_names})
         self.embedding = FeatureEmbedding(tables, embedding_dim, init_std)
         self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout > 0 else nn.Identity()
-        seq_dim = embedding_dim * len(self.seq_names)
+        self.visual = visual(meta=meta, embedding_dim=embedding_dim) if visual is not None else None
+        if self.visual is not None and "item_id" not in self.sparse_names:
+            raise ValueError("the visual arch joins the item_id feature: add item_id to the sparse features")
+        if self.visual is not None and self.visual.mode == "init":
+            from ctr.models.visual import vocab_item_rows
+
+            rows = vocab_item_rows(meta)
+            for t in ("item_id", "hist__item_id"):
+                if t in self.embedding.tables:
+                    self.visual.init_id_table(self.embedding.tables[t].weight, rows)
+        if self.visual is not None and self.visual.tiers and not self.seq_names:
+            raise ValueError("visual tiers (SimTier) need a behaviour sequence: set tiers=0 or add a sequence")
+        vx = self.visual.item_extra_dim if self.visual is not None else 0
+        seq_dim = embedding_dim * len(self.seq_names) + (vx if "item_id" in self.seq_names else 0)
         self.sequence = sequence(seq_dim) if self.seq_names else None
         n_dense = len(meta.get("dense") or [])
         self.length_feature = length_feature and self.sequence is not None
         self.max_len = meta["sequence"]["max_len"] if self.sequence is not None else 1
         in_dim = (embedding_dim * len(self.sparse_names) + (self.sequence.out_dim if self.sequence else 0)
-                  + n_dense + int(self.length_feature))
+                  + n_dense + int(self.length_feature) + vx
+                  + (self.visual.out_dim if self.visual is not None else 0))
         # first-order ("wide") part: one learned scalar per id of each sparse feature
         self.wide = FeatureEmbedding({n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0) if wide else None
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
+        self.position = PositionTower(**position) if position else None
 
     def _ids(self, name: str, ids: Tensor) -> Tensor:
         """In training, replace ids by the out-of-vocabulary id 1 with probability ``id_dropout[name]``,
@@ -70,18 +92,41 @@ class CTRModel(nn.Module):
         drop = torch.rand(ids.shape, device=ids.device) < p
         return torch.where(drop & (ids > 0), torch.ones_like(ids), ids)
 
+    def _item(self, e: Tensor, pv: Tensor | None) -> Tensor:
+        """An item's ID embedding joined with its projected visual vector (sum / concat)."""
+        if pv is None:
+            return e
+        return e + pv if self.visual.mode == "sum" else torch.cat([e, pv], dim=-1)
+
     def features(self, batch: Batch) -> Tensor:
         """The over-arch input: [B, in_dim]."""
         emb = {n: self.embedding(n, self._ids(n, batch.sparse[n])) for n in self.sparse_names}
+        vis = self.visual
+        if vis is not None:
+            v_t = vis.vectors(batch.refs["item_id"])
+            emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
         parts = [emb[n] for n in self.sparse_names]
+        sim = mask = None
         if self.sequence is not None:
             query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
-            keys = torch.cat([self.embedding(self.hist_prefix + n, batch.seq[n]) for n in self.seq_names], dim=-1)
-            mask = sequence_mask(batch.seq_len, keys.shape[1])
-            parts.append(self.sequence(query, keys, mask))
+            hk = {n: self.embedding(self.hist_prefix + n, batch.seq[n]) for n in self.seq_names}
+            mask = sequence_mask(batch.seq_len, batch.seq[self.seq_names[0]].shape[1])
+            bias = None
+            if vis is not None:
+                v_h = vis.vectors(batch.refs["hist.item_id"])
+                if "item_id" in hk:
+                    hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
+                sim = vis.similarity(v_t, v_h, mask)
+                bias = vis.attention_bias(sim)
+            keys = torch.cat([hk[n] for n in self.seq_names], dim=-1)
+            parts.append(self.sequence(query, keys, mask) if bias is None else self.sequence(query, keys, mask, bias=bias))
             if self.length_feature:  # log history length, scaled to [0, 1]
                 n = batch.seq_len.to(keys.dtype).clamp_min(0)
                 parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
+        if vis is not None:
+            f = vis.features(batch, v_t, sim, mask)
+            if f is not None:
+                parts.append(f)
         x = self.embedding_dropout(torch.cat(parts, dim=-1))
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
@@ -89,4 +134,44 @@ class CTRModel(nn.Module):
         logit = self.over(self.features(batch)).squeeze(-1)
         if self.wide is not None:
             logit = logit + sum(self.wide(n, batch.sparse[n]) for n in self.sparse_names).squeeze(-1)
+        if self.position is not None and self.training:
+            logit = logit + self.position(batch)
         return logit
+
+    def aux_loss(self, batch: Batch) -> Tensor | None:
+        """Auxiliary training losses of the parts (the debiasing network's), or None."""
+        return self.visual.aux_loss(batch) if self.visual is not None else None
+
+
+class PositionTower(nn.Module):
+    """A shallow tower on the impression's position whose output is added to the logit in training
+    and left out at inference (PAL-style), so that the main model learns position-free
+    relevance. The tower is pinned to 0 at ``reference`` (position 1 by default): inference
+    predicts the click probability as if the item were shown there. ``feature`` names the raw
+    position column, kept in the batch's ``extra`` (the data settings' ``keep``), never a sparse
+    feature of the main model.
+    """
+
+    def __init__(self, feature: str = "position", n_positions: int = 128, dim: int = 8,
+                 hidden: list[int] = (), reference: int = 1):
+        super().__init__()
+        if not 0 <= reference <= n_positions:
+            raise ValueError(f"reference position {reference} outside 0..{n_positions}")
+        self.feature, self.n_positions, self.reference = feature, n_positions, reference
+        self.embedding = nn.Embedding(n_positions + 1, dim)
+        nn.init.normal_(self.embedding.weight, std=0.01)
+        self.mlp = MLP(dim, list(hidden), 1, act="relu")
+
+    def _f(self, pos: Tensor) -> Tensor:
+        return self.mlp(self.embedding(pos)).squeeze(-1)
+
+    def forward(self, batch: Batch) -> Tensor:
+        raw = batch.extra.get(self.feature)
+        if raw is None:
+            raise KeyError(f"the position tower needs the raw {self.feature!r} column: add it to the "
+                           f"data settings' keep list")
+        pos = raw.long()
+        if bool(((pos < 0) | (pos > self.n_positions)).any()):
+            raise ValueError(f"{self.feature} outside 0..{self.n_positions}: raise position.n_positions")
+        ref = torch.full_like(pos[:1], self.reference)
+        return self._f(pos) - self._f(ref)

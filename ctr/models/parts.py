@@ -109,7 +109,7 @@ class MeanPooling(nn.Module):
         super().__init__()
         self.out_dim = dim
 
-    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
         m = mask.unsqueeze(-1).to(keys.dtype)
         return (keys * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -142,19 +142,23 @@ class TargetAttention(nn.Module):
         self.normalize = normalize
         self.dim = self.out_dim = dim
 
-    def scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+    def scores(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+        """[B, L] attention weights; ``bias`` ([B, L], e.g. a scaled visual similarity) is added to
+        the unit's raw scores before normalisation."""
         wq, wk, wd, wp = self.first.weight.split(self.dim, dim=1)
         h = (torch.matmul(keys, (wk - wd).t()) + torch.matmul(query.unsqueeze(1) * keys, wp.t())
              + (F.linear(query, wq + wd, self.first.bias)).unsqueeze(1))
         s = self.rest(self.first_drop(self.first_act(h))).squeeze(-1)
+        if bias is not None:
+            s = s + bias
         if self.normalize == "softmax":
             s = s.masked_fill(~mask, float("-inf")).softmax(dim=1).nan_to_num(0.0)
         else:
             s = s * mask.to(s.dtype)
         return s
 
-    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        w = self.scores(query, keys, mask)
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+        w = self.scores(query, keys, mask, bias)
         return torch.bmm(w.unsqueeze(1), keys).squeeze(1)
 
 
@@ -168,5 +172,5 @@ class ConcatPooling(nn.Module):
         self.parts = nn.ModuleList([p(dim) for p in parts])
         self.out_dim = sum(p.out_dim for p in self.parts)
 
-    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        return torch.cat([p(query, keys, mask) for p in self.parts], dim=-1)
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+        return torch.cat([p(query, keys, mask, bias=bias) for p in self.parts], dim=-1)

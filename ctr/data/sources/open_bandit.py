@@ -41,9 +41,15 @@ class OpenBandit:
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     campaigns: list[str] = field(default_factory=lambda: list(CAMPAIGNS))
     name: str = "obd"
+    # logging policies kept apart as whole evaluation splits ``test_<policy>`` (e.g. train on the
+    # Thompson-sampling log, evaluate on the random policy's log of the same campaigns)
+    eval_policies: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for p in self.policies:
+        both = set(self.policies) & set(self.eval_policies)
+        if both:
+            raise ValueError(f"policies {sorted(both)} are both trained on and held out for evaluation")
+        for p in [*self.policies, *self.eval_policies]:
             if p not in POLICIES:
                 raise ValueError(f"unknown policy {p!r}; expected {POLICIES}")
         for c in self.campaigns:
@@ -57,21 +63,22 @@ class OpenBandit:
     def _files(self) -> list[Path]:
         out = []
         for c in self.campaigns:
-            for p in self.policies:
+            for p in [*self.policies, *self.eval_policies]:
                 out.append(self.path / p / c / f"{c}.csv")
             out.append(self.path / "random" / c / "item_context.csv")
         return out
 
     def fingerprint(self) -> str:
-        return file_fingerprint(*self._files()) + f"|{sorted(self.policies)}|{sorted(self.campaigns)}"
+        fp = file_fingerprint(*self._files()) + f"|{sorted(self.policies)}|{sorted(self.campaigns)}"
+        return fp + (f"|eval:{sorted(self.eval_policies)}" if self.eval_policies else "")
 
     def load(self) -> Tables:
-        events, items = [], []
+        events, items = {p: [] for p in [*self.policies, *self.eval_policies]}, []
         for c in self.campaigns:
             ic_path = self.path / "random" / c / "item_context.csv"
             ic = pl.read_csv(ic_path)
             _require(ic, ic_path, ["item_id", "item_feature_0", "item_feature_1", "item_feature_2", "item_feature_3"])
-            for p in self.policies:
+            for p in events:
                 other_path = self.path / p / c / "item_context.csv"
                 if p != "random" and other_path.exists():
                     other = pl.read_csv(other_path)
@@ -84,7 +91,7 @@ class OpenBandit:
                 pl.lit(c).alias("campaign"),
                 pl.col("item_feature_0").cast(pl.Float64),
                 *[pl.col(f"item_feature_{i}").cast(pl.Utf8) for i in (1, 2, 3)]))
-            for p in self.policies:
+            for p in events:
                 path = self.path / p / c / f"{c}.csv"
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: file not found")
@@ -100,7 +107,7 @@ class OpenBandit:
                 # the affinity of the user to the item actually shown, gathered without a row loop
                 a = df.select(aff).to_numpy()
                 affinity = a[np.arange(df.height), df["item_id"].to_numpy()]
-                events.append(df.select(
+                events[p].append(df.select(
                     (pl.lit(f"{c}/") + pl.col("item_id").cast(pl.Utf8)).alias("item_id"),
                     pl.concat_str(USER_FEATURES, separator="|").alias("user_id"),
                     pl.col("click").alias("clicked"),
@@ -110,10 +117,19 @@ class OpenBandit:
                     pl.lit(p).alias("policy"),
                     *[pl.col(u).cast(pl.Utf8) for u in USER_FEATURES],
                 ).with_columns(pl.Series("affinity", affinity, dtype=pl.Float64)))
-        ev = pl.concat(events).with_row_index("request_id").with_columns(pl.col("request_id").cast(pl.Int64))
+        # request ids run over every log, main logs first, so that they never collide
+        logs, start = {}, 0
+        for p in events:
+            df = pl.concat(events[p])
+            logs[p] = df.with_row_index("request_id", offset=start).with_columns(pl.col("request_id").cast(pl.Int64))
+            start += df.height
+        ev = pl.concat([logs[p] for p in self.policies])
+        pattern = str(self.path / "{policy}/{campaign}/{campaign}.csv")
         return Tables(events=ev, items=pl.concat(items),
-                      names={"events": str(self.path / "{policy}/{campaign}/{campaign}.csv"),
-                             "items": str(self.path / "random/{campaign}/item_context.csv")})
+                      extra_events={f"test_{p}": logs[p] for p in self.eval_policies},
+                      names={"events": pattern, "items": str(self.path / "random/{campaign}/item_context.csv"),
+                             **{f"test_{p}": str(self.path / p / "{campaign}/{campaign}.csv")
+                                for p in self.eval_policies}})
 
 
 PRESET = PrepareSettings(

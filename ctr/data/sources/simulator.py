@@ -701,6 +701,10 @@ class SimulatorSource:
     def config(self) -> SimConfig:
         return SimConfig.preset(self.preset, seed=self.seed, **self.overrides)
 
+    def describe(self) -> dict:
+        """What identifies the generated data (the encoders record the same for their items)."""
+        return {"source": self.name, "preset": self.preset, "seed": self.seed, "overrides": dict(self.overrides)}
+
     def fingerprint(self) -> str:
         cfg = self.config().to_dict()
         if cfg["catalogue"] == "procedural":

@@ -1,0 +1,326 @@
+"""Image-aware CTR parts: frozen item vectors from an exported encoder, and what the model does with them.
+
+The CTR stage never runs an image tower: it reads the ``item_id -> embedding`` table that
+``encoders.train`` exported (MOON's decoupling), aligned to the prepared artefact's item rows
+(``Batch.refs``: every item of the items table, so items never seen in train keep their vector).
+
+:class:`VisualArch` turns those frozen vectors into
+
+* item features, by ``mode``: ``init`` (the item-ID table starts from a projection of the vectors,
+  then trains as usual), ``sum`` (a learned projection of the vector added to the item-ID embedding,
+  for the target and every history item), ``concat`` (the projection appended to it);
+* an attention bias: the cosine similarity between the target's and each history item's vector,
+  scaled by a learned weight, added to the target-attention scores;
+* SimTier features: a histogram of those similarities over the history (fractions per tier);
+* for visual-search traffic, the query image's projected vector and its cosine to the candidate;
+* a **debiasing network** (:class:`Debias`): a residual MLP that adjusts the vectors inside the
+  CTR model, trained with an auxiliary contrastive loss that pulls each high-impression item
+  towards a lower-impression item picked by :func:`debias_pairs` (the most similar one of the same
+  category), against the other pairs of the batch, so that exposure does not leak into the visual
+  features the model sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctr.data.batch import Batch
+from ctr.data.contract import ContractError
+from ctr.models.parts import MLP, sequence_mask
+
+MODES = ("init", "sum", "concat", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# the exported table, aligned to the artefact
+
+
+def table_files(table: str, embeddings_dir: str | Path | None) -> tuple[Path, Path]:
+    """(parquet, sidecar) of an exported table given by fingerprint (looked up in ``embeddings_dir``)
+    or by path."""
+    p = Path(table)
+    if p.suffix != ".parquet":
+        if embeddings_dir is None:
+            raise ValueError(f"embedding table {table!r} is a fingerprint: embeddings_dir is needed")
+        p = Path(embeddings_dir) / f"item_embeddings-{table}.parquet"
+    if not p.exists():
+        d = p.parent
+        have = sorted(x.name for x in d.glob("item_embeddings-*.parquet")) if d.exists() else []
+        raise FileNotFoundError(f"no embedding table {p.name} in {d} (found {have[:5]})")
+    return p, p.with_suffix(".json")
+
+
+def check_click_split(sidecar: dict, meta: dict, where: str) -> None:
+    """An encoder post-trained on clicks must have seen only the CTR stage's training clicks: the
+    table's item source and click split must match the artefact's source and split settings."""
+    items = sidecar.get("items") or {}
+    split = items.get("click_split")
+    if split is None:
+        return  # no clicks were used (pretraining on images / titles only)
+    s = meta["settings"]
+    if s["split"] != "time" or [float(f) for f in s["fractions"]] != [float(f) for f in split["fractions"]] \
+            or list(s["order"]) != list(split["order"]):
+        raise ValueError(f"{where}: the encoder was trained on clicks split by {split}, but the CTR data is "
+                         f"split by {s['split']} {s['fractions']} {s['order']}: its test clicks may have been "
+                         f"training clicks of the encoder. Post-train with the CTR data's split.")
+    src = meta.get("source_config")
+    if src is not None:
+        mine = {k: items.get(k) for k in src}
+        if mine != src:
+            raise ValueError(f"{where}: the encoder's clicks come from {mine}, the CTR data from {src}")
+
+
+def load_item_vectors(table: str, embeddings_dir: str | Path | None, meta: dict) -> tuple[Tensor, dict]:
+    """The table's vectors in the artefact's item-row order: [N + 1, D] float32 (row 0: zeros), and
+    its sidecar. Every item of the artefact must be in the table (an error names the first missing)."""
+    path, side_path = table_files(table, embeddings_dir)
+    sidecar = json.loads(side_path.read_text()) if side_path.exists() else {}
+    if meta.get("items") is None or "path" not in meta:
+        raise ValueError("image-aware CTR needs item rows: add `item_refs: [item_id, ...]` to the "
+                         "data settings")
+    items = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"], columns=["item_id", "row"])
+    df = pl.read_parquet(path)
+    for col in ("item_id", "embedding"):
+        if col not in df.columns:
+            raise ContractError(str(path), col, "missing column of an embedding table")
+    if df["item_id"].dtype != items["item_id"].dtype:
+        raise ContractError(str(path), "item_id", f"dtype {df['item_id'].dtype} differs from the items' "
+                            f"{items['item_id'].dtype}")
+    j = items.join(df.with_row_index("__t"), on="item_id", how="left", maintain_order="left")
+    missing = j.filter(pl.col("__t").is_null())
+    if missing.height:
+        raise ContractError(str(path), "item_id", f"{missing.height} of {items.height} items have no "
+                            f"embedding, e.g. item_id {missing['item_id'][0]!r}")
+    emb = np.ascontiguousarray(df["embedding"].to_numpy(), dtype=np.float32)
+    if not np.isfinite(emb).all():
+        bad = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
+        raise ContractError(str(path), "embedding", "non-finite value", [bad])
+    out = np.zeros((items.height + 1, emb.shape[1]), np.float32)
+    out[j["row"].to_numpy()] = emb[j["__t"].to_numpy()]
+    check_click_split(sidecar, meta, str(path))
+    return torch.from_numpy(out), sidecar
+
+
+# ----------------------------------------------------------------------------------------------
+# debiasing
+
+
+def debias_pairs(vectors: Tensor, impressions: np.ndarray, group: np.ndarray | None,
+                 high_quantile: float = 0.8, low_quantile: float = 0.5, top_k: int = 1,
+                 seed: int = 0) -> tuple[Tensor, dict]:
+    """For every high-impression item, a lower-impression partner: [N + 1] item rows (0: none).
+
+    High: train impressions at or above the ``high_quantile`` of the items' impressions (and > 0);
+    low: at or below the ``low_quantile``. The partner is drawn among the ``top_k`` low items most
+    cosine-similar to it, within its ``group`` (e.g. the category) when given. Rows are 1-based
+    (row 0 is padding): ``impressions`` and ``group`` are per item row 1..N.
+    """
+    n = len(impressions)
+    imp = np.asarray(impressions, dtype=np.float64)
+    hi_t, lo_t = np.quantile(imp, high_quantile), np.quantile(imp, low_quantile)
+    high = (imp >= hi_t) & (imp > 0) & (imp > lo_t)
+    low = imp <= lo_t
+    v = F.normalize(vectors[1:].float(), dim=-1)
+    partner = torch.zeros(n + 1, dtype=torch.long)
+    g = np.zeros(n, np.int64) if group is None else np.asarray(group)
+    rng = np.random.default_rng(seed)
+    for key in np.unique(g[high]):
+        hi_rows = np.flatnonzero(high & (g == key))
+        lo_rows = np.flatnonzero(low & (g == key))
+        if len(lo_rows) == 0:
+            continue
+        sim = v[hi_rows] @ v[lo_rows].T
+        k = min(top_k, len(lo_rows))
+        top = sim.topk(k, dim=1).indices.numpy()
+        pick = top[np.arange(len(hi_rows)), rng.integers(0, k, len(hi_rows))]
+        partner[torch.from_numpy(hi_rows + 1)] = torch.from_numpy(lo_rows[pick] + 1)
+    stats = {"high_threshold": float(hi_t), "low_threshold": float(lo_t), "high_items": int(high.sum()),
+             "low_items": int(low.sum()), "paired": int((partner > 0).sum())}
+    return partner, stats
+
+
+class Debias(nn.Module):
+    """``v + MLP(v)``: a residual adjustment of the visual vectors (its last layer starts at zero,
+    so training starts from the encoder's vectors)."""
+
+    def __init__(self, dim: int, hidden: list[int] = (128,)):
+        super().__init__()
+        self.mlp = MLP(dim, list(hidden), dim, act="relu")
+        last = self.mlp.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v + self.mlp(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# the arch
+
+
+class VisualArch(nn.Module):
+    """Frozen item vectors -> item features, attention bias, SimTier and query features, debiasing.
+
+    ``vectors``: [N + 1, D] by item row (row 0 zeros). ``embedding_dim``: the CTR model's id
+    embedding width (the projection's output). See the module docstring for the parts; each is
+    switched by its argument. ``debias`` (a dict: ``hidden``, ``weight``, ``temperature`` and the
+    :func:`debias_pairs` rule) needs ``impressions`` (train impressions per item row 1..N) and
+    optionally ``pair_group`` (e.g. category codes per item row).
+    """
+
+    def __init__(self, vectors: Tensor, embedding_dim: int, mode: str = "sum",
+                 attention_bias: bool = True, tiers: int = 0, query: str | None = None,
+                 debias: dict | None = None, impressions: np.ndarray | None = None,
+                 pair_group: np.ndarray | None = None, normalize: bool = True):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"visual mode must be one of {MODES}, got {mode!r}")
+        if vectors.dim() != 2 or not torch.all(vectors[0] == 0):
+            raise ValueError("vectors must be [N + 1, D] with a zero row 0 (padding)")
+        self.register_buffer("table", vectors.float(), persistent=False)
+        self.mode, self.embedding_dim, self.normalize = mode, embedding_dim, normalize
+        d = vectors.shape[1]
+        self.dim = d
+        self.proj = nn.Linear(d, embedding_dim) if mode in ("sum", "concat") else None
+        self.bias_weight = nn.Parameter(torch.tensor(1.0)) if attention_bias else None
+        self.tiers = int(tiers)
+        self.query = query
+        self.query_proj = nn.Linear(d, embedding_dim) if query else None
+        self.debias = None
+        self.debias_cfg: dict = {}
+        self.pair_stats: dict = {}
+        if debias:
+            cfg = dict(debias)
+            if impressions is None:
+                raise ValueError("the debiasing network needs the items' train impressions")
+            self.debias = Debias(d, cfg.pop("hidden", [128]))
+            self.debias_cfg = {"weight": float(cfg.pop("weight", 0.1)),
+                               "temperature": float(cfg.pop("temperature", 0.1))}
+            partner, self.pair_stats = debias_pairs(vectors, impressions, pair_group, **cfg)
+            self.register_buffer("partner", partner, persistent=False)
+
+    # the width each part adds ------------------------------------------------------------------
+    @property
+    def item_extra_dim(self) -> int:
+        """Width appended to every item representation (target and history) in ``concat`` mode."""
+        return self.embedding_dim if self.mode == "concat" else 0
+
+    @property
+    def out_dim(self) -> int:
+        """Width of :meth:`features` (over-arch inputs)."""
+        return self.tiers + ((self.embedding_dim + 1) if self.query else 0)
+
+    # vectors -----------------------------------------------------------------------------------
+    def vectors(self, rows: Tensor) -> Tensor:
+        """Item vectors of item rows (any shape) after the debiasing network; row 0 stays zero."""
+        v = self.table[rows]
+        if self.debias is not None:
+            v = self.debias(v) * (rows > 0).unsqueeze(-1).to(v.dtype)
+        return F.normalize(v, dim=-1) if self.normalize else v
+
+    def item_features(self, v: Tensor) -> Tensor | None:
+        """The projected vector (sum / concat modes) for item vectors ``v``."""
+        return self.proj(v) if self.proj is not None else None
+
+    def similarity(self, target: Tensor, hist: Tensor, mask: Tensor) -> Tensor:
+        """cos(target, each history item): [B, L], 0 at padding."""
+        t, h = F.normalize(target, dim=-1), F.normalize(hist, dim=-1)
+        return torch.einsum("bd,bld->bl", t, h) * mask.to(t.dtype)
+
+    def attention_bias(self, sim: Tensor) -> Tensor | None:
+        return None if self.bias_weight is None else self.bias_weight * sim
+
+    def features(self, batch: Batch, target: Tensor, sim: Tensor | None, mask: Tensor | None) -> Tensor | None:
+        """SimTier fractions and the query features: [B, out_dim] (None when empty)."""
+        parts = []
+        if self.tiers:
+            # tier of each history item's similarity in [-1, 1]: tiers equal-width bins
+            tier = ((sim.clamp(-1, 1) + 1) / 2 * self.tiers).long().clamp(max=self.tiers - 1)
+            m = mask.to(sim.dtype)
+            hist = torch.zeros(sim.shape[0], self.tiers, dtype=sim.dtype, device=sim.device)
+            hist.scatter_add_(1, tier, m)
+            parts.append(hist / m.sum(1, keepdim=True).clamp_min(1.0))
+        if self.query:
+            q = batch.refs.get(self.query)
+            if q is None:
+                raise KeyError(f"the query feature needs item rows of {self.query!r}: add it to the data "
+                               f"settings' item_refs")
+            vq = self.vectors(q)
+            cos = (F.normalize(vq, dim=-1) * F.normalize(target, dim=-1)).sum(-1, keepdim=True)
+            parts += [self.query_proj(vq), cos * (q > 0).unsqueeze(-1).to(cos.dtype)]
+        return torch.cat(parts, dim=-1) if parts else None
+
+    # debiasing loss ----------------------------------------------------------------------------
+    def aux_loss(self, batch: Batch) -> Tensor | None:
+        """The debiasing network's contrastive loss over the batch's high-impression targets
+        (unique items), each against its low-impression partner; None when the batch has none."""
+        if self.debias is None:
+            return None
+        rows = torch.unique(batch.refs["item_id"])
+        rows = rows[self.partner[rows] > 0]
+        if len(rows) < 2:
+            return None
+        a = F.normalize(self.debias(self.table[rows]), dim=-1)
+        p = F.normalize(self.debias(self.table[self.partner[rows]]), dim=-1)
+        logits = a @ p.T / self.debias_cfg["temperature"]
+        # two anchors may share a partner: that column is no negative for either
+        same = self.partner[rows][:, None] == self.partner[rows][None, :]
+        eye = torch.eye(len(rows), dtype=torch.bool, device=rows.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        target = torch.arange(len(rows), device=rows.device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        return self.debias_cfg["weight"] * loss
+
+    # init mode -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_id_table(self, weight: Tensor, vocab_rows: Tensor) -> None:
+        """``init`` mode: set the item-ID table's rows (``vocab_rows[j]``: item row of vocab index j,
+        0 for padding / OOV) to the vectors' top principal components, scaled to the table's std."""
+        v = self.table[1:]
+        v = v - v.mean(0)
+        k = min(weight.shape[1], v.shape[1])
+        _, _, vt = torch.linalg.svd(v, full_matrices=False)
+        z = (self.table[vocab_rows] - self.table[1:].mean(0)) @ vt[:k].T
+        std = weight[2:].std().clamp_min(1e-4)
+        z = z / z[vocab_rows > 0].std().clamp_min(1e-8) * std
+        have = vocab_rows > 0
+        weight[have, :k] = z[have].to(weight.dtype)
+
+
+def vocab_item_rows(meta: dict) -> Tensor:
+    """Item row of each item_id vocabulary index ([vocab_size]; 0 for padding and OOV)."""
+    art = Path(meta["path"])
+    vocab = pl.read_parquet(art / "vocab" / "item_id.parquet")
+    items = pl.read_parquet(art / meta["items"]["file"], columns=["item_id", "row"])
+    j = vocab.join(items, on="item_id", how="left")
+    out = torch.zeros(meta["vocab_sizes"]["item_id"], dtype=torch.long)
+    out[torch.from_numpy(j["index"].to_numpy().astype(np.int64))] = torch.from_numpy(
+        j["row"].fill_null(0).to_numpy().astype(np.int64))
+    return out
+
+
+def build_visual_arch(meta: dict, embedding_dim: int, table: str, embeddings_dir: str | None = None,
+                      pair_by: str | None = "category", **kw) -> VisualArch:
+    """The :class:`VisualArch` of an exported table (fingerprint or path) for a prepared artefact:
+    vectors aligned to the item rows, and the train impressions and ``pair_by`` groups of the
+    artefact's items for the debiasing pairs."""
+    vectors, sidecar = load_item_vectors(table, embeddings_dir, meta)
+    items = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"])
+    impressions = items["train_impressions"].to_numpy() if "train_impressions" in items.columns else None
+    group = None
+    if pair_by:
+        if pair_by not in items.columns:
+            raise ContractError(str(Path(meta["path"]) / meta["items"]["file"]), pair_by,
+                                f"debias pairing column not in the items (have {items.columns})")
+        group = items[pair_by].rank("dense").cast(pl.Int64).to_numpy()
+    arch = VisualArch(vectors, embedding_dim, impressions=impressions, pair_group=group, **kw)
+    arch.source = {"table": table, "fingerprint": sidecar.get("fingerprint"),
+                   "experiment": sidecar.get("experiment"), "run_dir": sidecar.get("run_dir")}
+    return arch

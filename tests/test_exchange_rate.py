@@ -1,0 +1,30 @@
+"""The exchange-rate fit against numpy's least squares and the known t quantiles."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+spec = importlib.util.spec_from_file_location(
+    "exchange_rate", Path(__file__).resolve().parents[1] / "experiments" / "exchange_rate.py")
+er = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(er)
+
+
+def test_slope_ci_matches_least_squares():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 0.2, 8)
+    y = 0.6 + 0.5 * x + rng.normal(0, 0.002, 8)
+    f = er.fit_slope(list(x), list(y))
+    b, a = np.polyfit(x, y, 1)
+    assert np.isclose(f["slope"], b) and np.isclose(f["intercept"], a)
+    resid = y - (a + b * x)
+    se = np.sqrt((resid ** 2).sum() / 6 / ((x - x.mean()) ** 2).sum())
+    assert np.isclose(f["se"], se)
+    assert np.allclose(f["ci"], (b - 2.447 * se, b + 2.447 * se))  # t_{0.975, 6} = 2.447
+    assert f["ci"][0] < 0.5 < f["ci"][1] and f["r"] > 0.9
+
+
+def test_degenerate_inputs_give_nan():
+    assert np.isnan(er.fit_slope([0.1, 0.2], [0.5, 0.6])["slope"])  # two points: no interval
+    assert np.isnan(er.fit_slope([0.1, 0.1, 0.1], [0.5, 0.6, 0.7])["slope"])  # no spread in x

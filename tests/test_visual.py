@@ -1,0 +1,213 @@
+"""Image-aware CTR parts: the aligned frozen table, the modes, attention bias, SimTier, query features,
+the debiasing network and its pairs, the position tower, low-impression slices."""
+
+import functools
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from ctr.data.batch import TensorStore
+from ctr.data.contract import ContractError
+from ctr.models import CTRModel, TargetAttention
+from ctr.models.ctr_model import PositionTower
+from ctr.models.visual import VisualArch, build_visual_arch, debias_pairs, load_item_vectors, vocab_item_rows
+from encoders.export import write_table
+
+
+def _meta(art):
+    return {**art.meta, "path": str(art.path)}
+
+
+def _model(art, sim_table, **visual):
+    d, fp = sim_table
+    vis = functools.partial(build_visual_arch, table=fp, embeddings_dir=str(d), **visual)
+    seq = functools.partial(TargetAttention, hidden=[16])
+    return CTRModel(_meta(art), embedding_dim=8, sequence=seq, over_hidden=[16], visual=vis)
+
+
+def _batch(art, split="train", n=64):
+    return TensorStore(art.split_dir(split))[torch.arange(n)]
+
+
+def test_table_is_aligned_to_item_rows(tiny_sim, sim_table):
+    d, fp = sim_table
+    vec, side = load_item_vectors(fp, d, _meta(tiny_sim))
+    items = pl.read_parquet(tiny_sim.path / "items.parquet")
+    exported = pl.read_parquet(d / f"item_embeddings-{fp}.parquet")
+    by_id = dict(zip(exported["item_id"].to_list(), exported["embedding"].to_numpy()))
+    assert vec.shape == (items.height + 1, 16) and torch.all(vec[0] == 0)
+    for item_id, row in zip(items["item_id"].to_list()[:20], items["row"].to_list()[:20]):
+        assert np.allclose(vec[row].numpy(), by_id[item_id])
+    # a path works as well as a fingerprint
+    vec2, _ = load_item_vectors(str(d / f"item_embeddings-{fp}.parquet"), None, _meta(tiny_sim))
+    assert torch.equal(vec, vec2)
+
+
+def test_table_errors_name_the_file(tiny_sim, sim_table, tmp_path):
+    d, fp = sim_table
+    exported = pl.read_parquet(d / f"item_embeddings-{fp}.parquet")
+    ids, emb = exported["item_id"].to_numpy(), exported["embedding"].to_numpy()
+    write_table(ids[1:], emb[1:], tmp_path, "missingone000000")
+    with pytest.raises(ContractError, match=r"item_embeddings-missingone000000.parquet.*1 of 200 items"):
+        load_item_vectors("missingone000000", tmp_path, _meta(tiny_sim))
+    with pytest.raises(FileNotFoundError, match="no embedding table"):
+        load_item_vectors("nosuchtable00000", tmp_path, _meta(tiny_sim))
+    # an encoder post-trained on clicks of another split (or another simulation) is refused
+    src = {"source": "sim", "preset": "tiny", "seed": 0, "overrides": {}}
+    write_table(ids, emb, tmp_path, "othersplit000000",
+                {"items": {**src, "click_split": {"fractions": [0.9, 0.05, 0.05], "order": ["timestamp"]}}})
+    with pytest.raises(ValueError, match="test clicks may have been"):
+        load_item_vectors("othersplit000000", tmp_path, {**_meta(tiny_sim), "source_config": src})
+    write_table(ids, emb, tmp_path, "otherseed0000000",
+                {"items": {**src, "seed": 1, "click_split": {"fractions": [0.8, 0.1, 0.1],
+                                                             "order": ["timestamp", "request_id", "position"]}}})
+    with pytest.raises(ValueError, match="clicks come from"):
+        load_item_vectors("otherseed0000000", tmp_path, {**_meta(tiny_sim), "source_config": src})
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat", "init", "none"])
+def test_every_mode_trains(tiny_sim, sim_table, mode):
+    torch.manual_seed(0)
+    model = _model(tiny_sim, sim_table, mode=mode, tiers=4, query="query_item_id")
+    b = _batch(tiny_sim)
+    logits = model(b)
+    assert logits.shape == (64,) and torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, b.label).backward()
+    assert model.visual.table.grad is None  # frozen
+    assert model.visual.query_proj.weight.grad is not None
+    if mode in ("sum", "concat"):
+        assert model.visual.proj.weight.grad.abs().sum() > 0
+    # an item never seen in train has the OOV id but keeps its own vector
+    oov = (b.sparse["item_id"] == 1) & (b.refs["item_id"] > 0)
+    if oov.any():
+        assert model.visual.vectors(b.refs["item_id"][oov]).norm(dim=-1).min() > 0.99
+
+
+def test_init_mode_starts_the_id_table_from_the_vectors(tiny_sim, sim_table):
+    torch.manual_seed(0)
+    model = _model(tiny_sim, sim_table, mode="init", attention_bias=False)
+    w = model.embedding.tables["item_id"].weight.detach()
+    rows = vocab_item_rows(_meta(tiny_sim))
+    have = rows > 0
+    assert have.sum() > 50 and not have[:2].any()
+    # rows of items with equal vectors would be equal; here: the init is a linear map of the vectors
+    v = model.visual.table[rows[have]]
+    x = torch.linalg.lstsq(torch.cat([v, torch.ones(len(v), 1)], 1), w[have]).solution
+    fit = torch.cat([v, torch.ones(len(v), 1)], 1) @ x
+    assert torch.allclose(fit, w[have], atol=1e-4)
+    assert 0.005 < float(w[have].std()) < 0.02  # the table's own scale (init_std 0.01)
+    assert model.visual.proj is None
+
+
+def test_attention_bias_adds_to_the_scores():
+    torch.manual_seed(0)
+    att = TargetAttention(4, hidden=[8], act="relu")
+    q, k = torch.randn(3, 4), torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    bias = torch.randn(3, 5)
+    assert torch.allclose(att.scores(q, k, mask, bias), (att.scores(q, k, mask) + bias) * mask)
+
+
+def test_simtier_and_query_features(tiny_sim, sim_table):
+    model = _model(tiny_sim, sim_table, tiers=5, query="query_item_id")
+    vis = model.visual
+    b = _batch(tiny_sim, "test", 128)
+    v_t = vis.vectors(b.refs["item_id"])
+    v_h = vis.vectors(b.refs["hist.item_id"])
+    mask = b.refs["hist.item_id"] > 0
+    sim = vis.similarity(v_t, v_h, mask)
+    f = vis.features(b, v_t, sim, mask).detach()
+    assert f.shape == (128, vis.out_dim) == (128, 5 + 8 + 1)
+    tiers = f[:, :5]
+    has = b.seq_len > 0
+    assert torch.allclose(tiers[has].sum(1), torch.ones(int(has.sum())))
+    assert torch.all(tiers[~has] == 0)
+    # a row's tiers count its history items' similarities, brute force
+    i = int(torch.nonzero(has)[0])
+    s = [float(v_t[i] @ v_h[i, j]) for j in range(int(b.seq_len[i]))]
+    counts = np.histogram(s, bins=5, range=(-1, 1))[0] / len(s)
+    assert np.allclose(tiers[i].numpy(), counts, atol=1e-6)
+    # the query's cosine to the candidate
+    vq = vis.vectors(b.refs["query_item_id"])
+    assert torch.allclose(f[:, -1], (vq * v_t).sum(-1), atol=1e-5)
+
+
+def test_debias_pairs_follow_the_rule():
+    rng = np.random.default_rng(0)
+    n = 60
+    v = torch.from_numpy(rng.normal(size=(n + 1, 8)).astype(np.float32))
+    v[0] = 0
+    imp = rng.integers(0, 100, n)
+    group = rng.integers(0, 3, n)
+    partner, stats = debias_pairs(v, imp, group, high_quantile=0.8, low_quantile=0.5)
+    hi_t, lo_t = np.quantile(imp, 0.8), np.quantile(imp, 0.5)
+    vn = torch.nn.functional.normalize(v, dim=-1)
+    for r in range(1, n + 1):
+        p = int(partner[r])
+        if imp[r - 1] >= hi_t and imp[r - 1] > lo_t:
+            cands = [c for c in range(1, n + 1) if imp[c - 1] <= lo_t and group[c - 1] == group[r - 1]]
+            if not cands:
+                assert p == 0
+                continue
+            best = max(cands, key=lambda c: float(vn[r] @ vn[c]))
+            assert p == best
+        else:
+            assert p == 0
+    assert stats["paired"] == int((partner > 0).sum()) > 0
+
+
+def test_debias_network_learns_to_align_pairs(tiny_sim, sim_table):
+    torch.manual_seed(0)
+    model = _model(tiny_sim, sim_table, debias={"hidden": [32], "weight": 1.0, "temperature": 0.1})
+    vis = model.visual
+    assert vis.pair_stats["paired"] > 0
+    # starts as the identity (last layer zero)
+    rows = torch.arange(1, 11)
+    assert torch.allclose(vis.vectors(rows), torch.nn.functional.normalize(vis.table[rows], dim=-1))
+    b = _batch(tiny_sim, n=512)
+    opt = torch.optim.Adam(vis.debias.parameters(), lr=1e-2)
+    first = float(model.aux_loss(b).detach())
+    for _ in range(60):
+        opt.zero_grad()
+        loss = model.aux_loss(b)
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+    # high-impression items end up closer to their partners than before
+    hi = torch.nonzero(vis.partner > 0).squeeze(1)
+    before = (torch.nn.functional.normalize(vis.table[hi], dim=-1)
+              * torch.nn.functional.normalize(vis.table[vis.partner[hi]], dim=-1)).sum(-1)
+    after = (vis.vectors(hi) * vis.vectors(vis.partner[hi])).sum(-1)
+    assert after.mean() > before.mean()
+
+
+def test_position_tower_is_zero_at_the_reference_and_off_at_inference(tiny_sim):
+    torch.manual_seed(0)
+    seq = functools.partial(TargetAttention, hidden=[16], act="relu")  # no batch statistics
+    model = CTRModel(tiny_sim.meta, embedding_dim=8, sequence=seq, over_hidden=[16],
+                     position={"feature": "position", "n_positions": 16, "hidden": [4]})
+    b = _batch(tiny_sim)
+    tower = model.position
+    with torch.no_grad():
+        tower.embedding.weight.normal_()
+    off = tower(b)
+    assert torch.all(off[b.extra["position"] == 1] == 0) and off.abs().max() > 0
+    model.train()
+    with_tower = model(b)
+    model.eval()
+    no_tower = model(b)
+    model.train()
+    # dropout is 0: training and inference differ by the tower alone
+    assert torch.allclose(with_tower - no_tower, off, atol=1e-5)
+    with pytest.raises(ValueError, match="n_positions"):
+        PositionTower(n_positions=4)(type(b)(**{**b.__dict__, "extra": {"position": b.extra["position"] * 0 + 9}}))
+
+
+def test_visual_needs_item_rows(tiny_sim, sim_table):
+    meta = {**_meta(tiny_sim), "items": None}
+    with pytest.raises(ValueError, match="item_refs"):
+        load_item_vectors(sim_table[1], sim_table[0], meta)
