@@ -66,12 +66,14 @@ def _compose(conf_dir: Path, overrides: list[str]):
 
 
 def _fingerprint(cfg, upstream: dict) -> str:
-    """sha256 over the resolved config (paths and run-control keys left out) and upstream stages."""
+    """sha256 over the resolved config (paths and run-control keys such as the thread count left
+    out) and the upstream stages' fingerprints."""
     from omegaconf import OmegaConf
 
     d = OmegaConf.to_container(cfg, resolve=True)
     for k in ("paths", "resume", "init_from", "logger"):
         d.pop(k, None)
+    d["threads"] = None  # the thread count does not change what a stage computes
     d.get("trainer", {}).pop("enable_progress_bar", None)
     blob = json.dumps({"cfg": d, "upstream": upstream, "v": PIPELINE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -43,6 +43,7 @@ def run_one(preset: str, seed: int, out: Path, overrides: list[str]) -> None:
     with open_dict(cfg):
         cfg.paths.run_dir = str(out)
         cfg.paths.cache_dir = os.environ.get("CTR_CACHE_DIR", str(ROOT / ".cache" / "prepared"))
+        cfg.paths.embeddings_dir = os.environ.get("CTR_EMBED_DIR", str(ROOT / ".cache" / "embeddings"))
     t0 = time.perf_counter()
     metrics = train(cfg)
     metrics["wall_seconds"] = time.perf_counter() - t0

@@ -1,13 +1,16 @@
 """The exchange rate: downstream CTR gain per unit of an intermediate encoder metric.
 
-    python experiments/exchange_rate.py --runs DIR [DIR ...] [--tables FP ...] [--seeds 0]
+    python experiments/exchange_rate.py [--runs DIR ...] [--tables FP ...] [--seeds 0]
         [--k 10] [--out outputs/exchange_rate] [-- CTR Hydra overrides]
 
 Encoder variants are exported item tables: ``--tables`` names them by fingerprint (in
 ``$CTR_EMBED_DIR``), ``--runs`` takes encoder run folders and uses every table each one exported
 (with ``export_epochs=true``: the table before training and after each epoch, i.e. checkpoints
-along training; otherwise its final table). For each variant the script measures, from the table
-alone,
+along training; otherwise its final table). Without either, the script first trains the
+pipeline's two encoder stages itself with ``export_epochs=true`` (pretrain from the ImageNet
+Lite0, then click post-training; folders under ``<out>/encoders/``, reused when present): the
+ImageNet encoder and every epoch of both stages are the variants. For each variant it measures,
+from the table alone,
 
 * image-search recall@K on the simulator's test clicks (query image -> the items clicked for it,
   among the whole catalogue): the intermediate metric of MOON;
@@ -190,26 +193,42 @@ def fit_slope(x: list[float], y: list[float]) -> dict:
             "intercept": float(a)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", type=Path, default=[])
     ap.add_argument("--tables", nargs="*", default=[])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--preset", default="sim_din_visual")
+    ap.add_argument("--sim-preset", default="default", help="the simulator's size preset (tiny: a smoke test)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every stage")
+    ap.add_argument("--encoders", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides of the encoder stages it trains (without --runs/--tables)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "exchange_rate")
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     emb_dir = Path(os.environ.get("CTR_EMBED_DIR", ROOT / ".cache" / "embeddings"))
-    variants = collect_tables(args.runs, args.tables)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = list(args.runs)
+    if not runs and not args.tables:  # train the variants: both encoder stages, a table per epoch
+        from ctr.pipeline import Pipeline
+
+        cache = Path(os.environ.get("CTR_CACHE_DIR", ROOT / ".cache" / "prepared"))
+        enc = ["export_epochs=true", f"data.module.source.preset={args.sim_preset}", *args.encoders]
+        p = Pipeline(out / "encoders", cache, emb_dir, enc, [], args.threads, "csv",
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+        stages = p.encoders(args.seeds[0])
+        runs = [Path(stages[n]["run_dir"]) for n in ("pretrain", "posttrain")]
+    variants = collect_tables(runs, args.tables)
     if len(variants) < 3:
         raise SystemExit(f"need at least 3 encoder variants for a slope with a confidence interval, got "
                          f"{len(variants)} (export_epochs=true gives one per epoch)")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    truth = SimTruth()
+    truth = SimTruth(args.sim_preset)
+    overrides = [f"data.source.preset={args.sim_preset}", *([f"threads={args.threads}"] if args.threads else []),
+                 *overrides]
     rec_key = f"recall@{args.k}"
     rows = []
     t0 = time.perf_counter()
@@ -242,6 +261,7 @@ def main() -> None:
     plot(rows, fits, metrics, out / "exchange_rate.png")
     print(text)
     print(f"\nwrote {out / 'exchange_rate.md'} and {out / 'exchange_rate.png'}")
+    return {"rows": rows, "fits": fits}
 
 
 def plot(rows: list[dict], fits: dict, metrics: list[str], path: Path) -> None:

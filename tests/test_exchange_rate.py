@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 spec = importlib.util.spec_from_file_location(
     "exchange_rate", Path(__file__).resolve().parents[1] / "experiments" / "exchange_rate.py")
@@ -28,3 +29,24 @@ def test_slope_ci_matches_least_squares():
 def test_degenerate_inputs_give_nan():
     assert np.isnan(er.fit_slope([0.1, 0.2], [0.5, 0.6])["slope"])  # two points: no interval
     assert np.isnan(er.fit_slope([0.1, 0.1, 0.1], [0.5, 0.6, 0.7])["slope"])  # no spread in x
+
+
+@pytest.mark.slow
+def test_exchange_rate_end_to_end_on_the_tiny_simulator(tmp_path, cache_dir, monkeypatch):
+    """Encoder variants along training (exported per epoch), their recall and probes, a CTR run
+    on each, the fits, the table and the plot."""
+    monkeypatch.setenv("CTR_EMBED_DIR", str(tmp_path / "emb"))
+    monkeypatch.setenv("CTR_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "er"
+    res = er.main(["--out", str(out), "--sim-preset", "tiny", "--encoders", "trainer.max_epochs=2",
+                   "data.module.steps_per_epoch=2", "image_size=32", "--", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=2"])
+    rows = res["rows"]
+    # the ImageNet encoder, pretraining's and post-training's epochs (the post-training's start = the
+    # pretraining's end: one table)
+    assert len(rows) >= 3 and rows[0]["origin"].endswith("epoch -1")
+    assert all(0 <= r["recall@10"] <= 1 and 0 <= r["category probe"] <= 1 for r in rows)
+    assert len({r["fingerprint"] for r in rows}) == len(rows)
+    assert set(res["fits"]) == {"recall@10", "category probe", "colour probe"}
+    assert (out / "exchange_rate.md").read_text().count("|") > 20
+    assert (out / "exchange_rate.png").stat().st_size > 10_000

@@ -73,6 +73,19 @@ def test_ctr_model_on_prepared_batch(tiny_sim):
     assert torch.equal(moved.sparse["item_id"], batch.sparse["item_id"])
 
 
+def test_prior_bias_starts_at_the_train_ctr(tiny_sim):
+    store = TensorStore(tiny_sim.split_dir("train"))
+    batch = store[torch.arange(256)]
+    torch.manual_seed(0)
+    m = CTRModel(tiny_sim.meta, embedding_dim=8, sequence=MeanPooling, over_hidden=[16], prior_bias=True)
+    m.eval()
+    p = torch.sigmoid(m(batch)).mean().item()
+    ctr = tiny_sim.meta["splits"]["train"]["ctr"]
+    assert abs(p - ctr) < 0.2 * ctr  # the tiny initial weights move it a little
+    m0 = CTRModel(tiny_sim.meta, embedding_dim=8, sequence=MeanPooling, over_hidden=[16]).eval()
+    assert abs(torch.sigmoid(m0(batch)).mean().item() - 0.5) < 0.1
+
+
 def test_id_dropout_trains_the_oov_row(tiny_sim):
     store = TensorStore(tiny_sim.split_dir("train"))
     batch = store[torch.arange(256)]

@@ -31,6 +31,7 @@ class CTRModel(nn.Module):
     ``concat``) or initialise it (``init``), bias the target attention by visual similarity, and
     add SimTier and query features; its debiasing loss is :meth:`aux_loss`. ``position`` adds a
     shallow position-bias tower (:class:`PositionTower`) to the logit in training only.
+    ``prior_bias`` starts the output bias at the logit of the train split's CTR (for rare clicks).
     """
 
     def __init__(self, meta: dict, embedding_dim: int = 32,
@@ -39,7 +40,8 @@ class CTRModel(nn.Module):
                  dropout: float = 0.0, batch_norm: bool = False, embedding_dropout: float = 0.0,
                  init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
                  wide: bool = False, length_feature: bool = False, share_history_tables: bool = True,
-                 visual: Callable[..., nn.Module] | None = None, position: dict | None = None):
+                 visual: Callable[..., nn.Module] | None = None, position: dict | None = None,
+                 prior_bias: bool = False):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -82,6 +84,10 @@ class CTRModel(nn.Module):
         self.wide = FeatureEmbedding({n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0) if wide else None
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
         self.position = PositionTower(**position) if position else None
+        if prior_bias:  # start at the train CTR, not 0.5: rare clicks need no epochs to get there
+            p = float(meta["splits"]["train"]["ctr"])
+            with torch.no_grad():
+                self.over.net[-1].bias.fill_(math.log(p / (1 - p)))
 
     def _ids(self, name: str, ids: Tensor) -> Tensor:
         """In training, replace ids by the out-of-vocabulary id 1 with probability ``id_dropout[name]``,
