@@ -151,8 +151,8 @@ class EpochExport(Callback):
         self.tables.append({"epoch": epoch, "fingerprint": fp})
 
     def on_train_start(self, trainer, module) -> None:
-        if not self.tables:
-            self._export(trainer, module, -1)
+        if not self.tables:  # the state training starts from: -1, or a resumed run's last epoch
+            self._export(trainer, module, trainer.current_epoch - 1)
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
