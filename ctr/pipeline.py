@@ -25,13 +25,13 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ctr  # noqa: F401  (installs the torchvision import hook before lightning is imported)
+from ctr.runs import compose_config, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -56,15 +56,6 @@ VARIANTS = (
 )
 
 
-def _compose(conf_dir: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def _fingerprint(cfg, upstream: dict) -> str:
     """sha256 over the resolved config (paths and run-control keys such as the thread count left
     out) and the upstream stages' fingerprints."""
@@ -86,18 +77,13 @@ class Pipeline:
         self.encoder_overrides, self.ctr_overrides = encoder_overrides, ctr_overrides
         self.threads, self.logger, self.log = threads, logger, log
 
-    def _cfg(self, conf_dir: Path, overrides: list[str]):
-        from omegaconf import open_dict
-
+    def stage_config(self, conf_dir: Path, overrides: list[str]):
         extra = [f"threads={self.threads}"] if self.threads else []
-        cfg = _compose(conf_dir, [*overrides, f"logger={self.logger}", "trainer.enable_progress_bar=false", *extra])
-        with open_dict(cfg):
-            cfg.paths.cache_dir = str(self.cache_dir)
-            cfg.paths.embeddings_dir = str(self.embeddings_dir)
-            cfg.paths.run_dir = "unset"
-        return cfg
+        return compose_config(conf_dir, [*overrides, f"logger={self.logger}", "trainer.enable_progress_bar=false",
+                                         *extra], cache_dir=self.cache_dir, embeddings_dir=self.embeddings_dir,
+                              run_dir="unset")
 
-    def _run(self, stage: str, cfg, upstream: dict, train_fn) -> tuple[dict, str, Path]:
+    def run_stage(self, stage: str, cfg, upstream: dict, train_fn) -> tuple[dict, str, Path]:
         from omegaconf import open_dict
 
         fp = _fingerprint(cfg, upstream)
@@ -126,8 +112,8 @@ class Pipeline:
             if init is not None:
                 over.append(f"init_from={stages[init]['run_dir']}")
                 upstream = {init: stages[init]["fingerprint"]}
-            cfg = self._cfg(CONF / "encoders", over)
-            m, fp, run_dir = self._run(f"{name}-seed{seed}", cfg, upstream, train_encoder)
+            cfg = self.stage_config(CONF / "encoders", over)
+            m, fp, run_dir = self.run_stage(f"{name}-seed{seed}", cfg, upstream, train_encoder)
             stages[name] = {"metrics": m, "fingerprint": fp, "run_dir": str(run_dir),
                             "table": m["embeddings"]["fingerprint"]}
         return stages
@@ -142,9 +128,9 @@ class Pipeline:
             if v.table is not None:
                 over.append(f"model.visual.table={stages[v.table]['table']}")
                 upstream = {v.table: stages[v.table]["table"]}
-            cfg = self._cfg(CONF, over)
+            cfg = self.stage_config(CONF, over)
             stage = f"ctr-{v.preset}-{v.table or 'ids'}-seed{seed}"
-            m, _, _ = self._run(stage, cfg, upstream, train_ctr)
+            m, _, _ = self.run_stage(stage, cfg, upstream, train_ctr)
             rows.append((v, m))
         return rows
 
@@ -163,26 +149,18 @@ COLS = (("test_random", "auc"), ("test_random", "gauc"), ("test_random", "loglos
 RECALL = "search/recall@10"
 
 
-def _ms(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.4f}"
-    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
-
-
 def table(results: list[dict]) -> str:
     """Markdown: one row per CTR variant (mean ± std over the seeds given) and the oracle."""
     head = ["model", *[f"{s.replace('test_random', 'random')} {k}" for s, k in COLS], "image R@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, (v, _) in enumerate(results[0]["ctr"]):
         ms = [r["ctr"][i][1] for r in results]
-        cells = [_ms([m[s].get(k) for m in ms]) for s, k in COLS]
-        rec = "-" if v.table is None else _ms([r["encoders"][v.table]["metrics"]["test"].get(RECALL) for r in results])
+        cells = [mean_std([m[s].get(k) for m in ms]) for s, k in COLS]
+        rec = "-" if v.table is None else mean_std(
+            [r["encoders"][v.table]["metrics"]["test"].get(RECALL) for r in results])
         lines.append("| " + " | ".join([v.label, *cells, rec]) + " |")
     ms = [r["ctr"][0][1] for r in results]
-    cells = [_ms([(m.get("oracle", {}).get(s) or {}).get(k) for m in ms]) for s, k in COLS]
+    cells = [mean_std([(m.get("oracle", {}).get(s) or {}).get(k) for m in ms]) for s, k in COLS]
     lines.append("| " + " | ".join(["true_ctr oracle", *cells, "-"]) + " |")
     return "\n".join(lines)
 

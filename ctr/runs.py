@@ -96,6 +96,33 @@ def best_epoch(ckpt) -> int | None:
     return int(state.get("epoch", -1))
 
 
+def compose_config(conf_dir: str | Path, overrides: list[str], **paths: str) -> DictConfig:
+    """Compose ``conf_dir/config.yaml`` with ``overrides`` outside a Hydra app (scripts, the
+    pipeline), filling the ``paths.*`` that Hydra's runtime would resolve (``run_dir``,
+    ``cache_dir``, ``embeddings_dir``) from ``paths``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        for k, v in paths.items():
+            cfg.paths[k] = str(v)
+    return cfg
+
+
+def mean_std(vals) -> str:
+    """``"m ± s"`` over the non-missing values (``"m"`` for one, ``"-"`` for none)."""
+    import statistics
+
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+
+
 def section(prefix: str, logged: dict) -> dict:
     """``{"val/auc": x, ...}`` -> ``{"auc": x}`` for one prefix."""
     return {k.split("/", 1)[1]: float(v) for k, v in logged.items() if k.startswith(prefix + "/")}

@@ -39,13 +39,11 @@ def oracle_metrics(split_dir: Path) -> dict | None:
 def item_slices(meta: dict, spec: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Item-row masks of the evaluation slices. ``spec``: name -> {"max_quantile": q} (the items
     whose train impressions are at most the q-quantile over items: the low-impression items)."""
-    import polars as pl
+    from ctr.models.visual import artefact_items
 
     if not spec:
         return {}, {}
-    if not meta.get("items"):
-        raise ValueError("evaluation slices need item rows: add `item_refs: [item_id]` to the data settings")
-    imp = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"])["train_impressions"].to_numpy()
+    imp = artefact_items(meta)["train_impressions"].to_numpy()
     masks, info = {}, {}
     for name, s in spec.items():
         q = float(s["max_quantile"])

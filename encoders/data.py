@@ -280,17 +280,13 @@ class TaskBatches(torch.utils.data.Dataset):
         if len(self.train_rows) == 0:
             raise ValueError(f"item set {items.name} has no training items")
         self.tokens, self.clicks = tokens, clicks
-        # product pool: training rows of groups with >= 2 training items, sorted by group
-        grp = items.group[self.train_rows]
-        g_order = np.argsort(grp, kind="stable")
-        g_sorted = grp[g_order]
-        first = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
-        g_start = np.flatnonzero(first)
-        g_count = np.diff(np.r_[g_start, len(g_sorted)])
-        keep = np.repeat(g_count >= 2, g_count)
-        self.product_pool = self.train_rows[g_order][keep]
-        self.product_start = np.repeat(g_start, g_count)[keep] - np.cumsum(~keep)[keep]
-        self.product_count = np.repeat(g_count, g_count)[keep]
+        # product pool: training rows of groups with >= 2 training items, sorted by group, with
+        # each row's group start and size in the pool
+        rows = self.train_rows[np.argsort(items.group[self.train_rows], kind="stable")]
+        _, count = np.unique(items.group[rows], return_counts=True)
+        self.product_pool = rows[np.repeat(count >= 2, count)]
+        _, start, count = np.unique(items.group[self.product_pool], return_index=True, return_counts=True)
+        self.product_start, self.product_count = np.repeat(start, count), np.repeat(count, count)
         if "same_product" in self.tasks and len(self.product_pool) == 0:
             raise ValueError(f"the same_product task needs product groups with two or more training "
                              f"items; item set {items.name} has none")

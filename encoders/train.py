@@ -63,7 +63,6 @@ def load_init(module, path: str | Path) -> dict:
 def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
-    from encoders.export import export_embeddings
     from encoders.module import ContrastiveModule
 
     run_dir = start_run(cfg)
@@ -101,10 +100,8 @@ def train(cfg: DictConfig) -> dict:
     val = section("val", trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0])
     test = section("test", trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0])
 
-    emb_path, emb_fp, reused = export_embeddings(
-        module, dm.all_items(), dm.items.item_ids, dm.items.image_fingerprint, cfg.paths.embeddings_dir,
-        extra={"run_dir": str(run_dir), "experiment": cfg.get("name"), "seed": cfg.seed,
-               "items": dm.items.meta})
+    emb_path, emb_fp, reused = export_items(module, dm, cfg.paths.embeddings_dir, run_dir=str(run_dir),
+                                            experiment=cfg.get("name"), seed=cfg.seed)
     metrics = {
         "experiment": cfg.get("name"),
         "seed": cfg.seed,
@@ -133,6 +130,15 @@ def train(cfg: DictConfig) -> dict:
     return finish_run(run_dir, metrics, loggers)
 
 
+def export_items(module, dm, out_dir: str, **extra):
+    """Export every item of the data module's item set (the sidecar records ``extra`` and the
+    items' source and click split); returns (path, fingerprint, reused)."""
+    from encoders.export import export_embeddings
+
+    return export_embeddings(module, dm.all_items(), dm.items.item_ids, dm.items.image_fingerprint, out_dir,
+                             extra={**extra, "items": dm.items.meta})
+
+
 class EpochExport(Callback):
     """``export_epochs=true``: export the item table before training and after every epoch, with
     (checkpoints along training: the encoder variants of ``experiments/exchange_rate.py``).
@@ -143,11 +149,7 @@ class EpochExport(Callback):
         self.tables: list[dict] = []
 
     def _export(self, trainer, module, epoch: int) -> None:
-        from encoders.export import export_embeddings
-
-        _, fp, _ = export_embeddings(module, self.dm.all_items(), self.dm.items.item_ids,
-                                     self.dm.items.image_fingerprint, self.out_dir,
-                                     extra={"run_dir": str(self.run_dir), "epoch": epoch, "items": self.dm.items.meta})
+        _, fp, _ = export_items(module, self.dm, self.out_dir, run_dir=str(self.run_dir), epoch=epoch)
         self.tables.append({"epoch": epoch, "fingerprint": fp})
 
     def on_train_start(self, trainer, module) -> None:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctr.runs import mean_std
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,18 +34,13 @@ def run_one(preset: str, seed: int, out: Path, overrides: list[str]) -> None:
     """Child process: train one preset, then record peak RSS beside its metrics."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     import ctr  # noqa: F401
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
+    from ctr.runs import compose_config
     from ctr.train import train
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}", f"seed={seed}", "logger=csv",
-                                           "trainer.enable_progress_bar=false", *overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(out)
-        cfg.paths.cache_dir = os.environ.get("CTR_CACHE_DIR", str(ROOT / ".cache" / "prepared"))
-        cfg.paths.embeddings_dir = os.environ.get("CTR_EMBED_DIR", str(ROOT / ".cache" / "embeddings"))
+    cfg = compose_config(ROOT / "conf", [f"experiment={preset}", f"seed={seed}", "logger=csv",
+                                         "trainer.enable_progress_bar=false", *overrides], run_dir=out,
+                         cache_dir=os.environ.get("CTR_CACHE_DIR", ROOT / ".cache" / "prepared"),
+                         embeddings_dir=os.environ.get("CTR_EMBED_DIR", ROOT / ".cache" / "embeddings"))
     t0 = time.perf_counter()
     metrics = train(cfg)
     metrics["wall_seconds"] = time.perf_counter() - t0
@@ -78,13 +75,6 @@ def main() -> None:
         print_columns(rows, args.columns)
 
 
-def _ms(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
-
-
 def print_columns(rows: list[tuple[str, dict]], columns: list[str]) -> None:
     """Chosen ``<split>/<metric>`` columns per preset, mean ± std over its seeds."""
     by: dict[str, list[dict]] = {}
@@ -96,7 +86,7 @@ def print_columns(rows: list[tuple[str, dict]], columns: list[str]) -> None:
         cells = []
         for c in columns:
             split, metric = c.split("/", 1)
-            cells.append(_ms([(m.get(split) or {}).get(metric) for m in ms_]))
+            cells.append(mean_std([(m.get(split) or {}).get(metric) for m in ms_]))
         print("| " + " | ".join([preset, str(len(ms_)), *cells]) + " |")
 
 
@@ -109,12 +99,6 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
 
-    def ms(vals: list[float]) -> str:
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "-"
-        return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
-
     for preset, ms_ in by.items():
         rnd = [m.get("test_random", {}).get("auc") for m in ms_]
         orc = [m.get("oracle", {}).get("test_random", {}).get("auc") for m in ms_]
@@ -124,8 +108,8 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
             f"{max(m['peak_rss_mb'] for m in ms_):,.0f}",
             f"{statistics.mean(m['data_build_seconds'] for m in ms_):.2f}",
             ",".join(str(m["epochs"]) for m in ms_),
-            ms([m["test"]["auc"] for m in ms_]), ms([m["test"]["gauc"] for m in ms_]),
-            ms([m["test"]["logloss"] for m in ms_]), ms(rnd), ms(orc)]) + " |")
+            mean_std([m["test"]["auc"] for m in ms_]), mean_std([m["test"]["gauc"] for m in ms_]),
+            mean_std([m["test"]["logloss"] for m in ms_]), mean_std(rnd), mean_std(orc)]) + " |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from ctr.runs import mean_std as ms
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,13 +50,6 @@ def run(preset: str, seed: int, out: Path, overrides: list[str]) -> dict:
     m["wall_seconds"] = time.perf_counter() - t0
     print(f"done {preset} seed {seed} in {m['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     return m
-
-
-def ms(vals) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
 
 
 def table(rows: list[tuple[str, list[dict], str]], keys: list[str]) -> None:

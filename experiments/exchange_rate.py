@@ -22,8 +22,8 @@ seed, reading its test GAUC and AUC on the uniform-random exposure log. It then 
 intermediate metric x, the least-squares line GAUC = a + b x over the variants: the slope ``b``
 (the exchange rate: GAUC points per unit of x) with its 95 % confidence interval (t distribution,
 n - 2 degrees of freedom) and the correlation. Results: ``<out>/exchange_rate.md`` (the tables)
-and ``<out>/exchange_rate.png`` (the scatter plots with the fitted lines). CTR runs are cached in
-``<out>/ctr-<table>-seed<k>/`` and reused.
+and ``<out>/exchange_rate.png`` (the scatter plots with the fitted lines). CTR runs are pipeline
+stages, ``<out>/ctr-<table>-seed<k>-<fingerprint>/``, reused while their config is unchanged.
 """
 
 from __future__ import annotations
@@ -141,27 +141,15 @@ class SimTruth:
 # the CTR model on a table
 
 
-def ctr_run(table: str, seed: int, preset: str, out: Path, embeddings_dir: Path, overrides: list[str]) -> dict:
-    run_dir = out / f"ctr-{table}-seed{seed}"
-    done = run_dir / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
+def ctr_run(pipe, table: str, seed: int, preset: str, overrides: list[str]) -> dict:
+    """The CTR model on one table: a pipeline stage (``<out>/ctr-<table>-seed<k>-<fingerprint>``,
+    reused when its resolved config is unchanged)."""
+    from ctr.pipeline import CONF
     from ctr.train import train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}", f"seed={seed}", "logger=csv",
-                                           "trainer.enable_progress_bar=false",
-                                           f"model.visual.table={table}", *overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.paths.cache_dir = os.environ.get("CTR_CACHE_DIR", str(ROOT / ".cache" / "prepared"))
-        cfg.paths.embeddings_dir = str(embeddings_dir)
-    return train(cfg)
+    cfg = pipe.stage_config(CONF, [f"experiment={preset}", f"seed={seed}", f"model.visual.table={table}",
+                                   *overrides])
+    return pipe.run_stage(f"ctr-{table}-seed{seed}", cfg, {"table": table}, train)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,23 +200,23 @@ def main(argv: list[str] | None = None) -> dict:
     emb_dir = Path(os.environ.get("CTR_EMBED_DIR", ROOT / ".cache" / "embeddings"))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    from ctr.pipeline import Pipeline
+
+    cache = Path(os.environ.get("CTR_CACHE_DIR", ROOT / ".cache" / "prepared"))
+    enc = ["export_epochs=true", f"data.module.source.preset={args.sim_preset}", *args.encoders]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     runs = list(args.runs)
     if not runs and not args.tables:  # train the variants: both encoder stages, a table per epoch
-        from ctr.pipeline import Pipeline
-
-        cache = Path(os.environ.get("CTR_CACHE_DIR", ROOT / ".cache" / "prepared"))
-        enc = ["export_epochs=true", f"data.module.source.preset={args.sim_preset}", *args.encoders]
-        p = Pipeline(out / "encoders", cache, emb_dir, enc, [], args.threads, "csv",
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
-        stages = p.encoders(args.seeds[0])
+        enc_pipe = Pipeline(out / "encoders", cache, emb_dir, enc, [], args.threads, "csv", log=log)
+        stages = enc_pipe.encoders(args.seeds[0])
         runs = [Path(stages[n]["run_dir"]) for n in ("pretrain", "posttrain")]
     variants = collect_tables(runs, args.tables)
     if len(variants) < 3:
         raise SystemExit(f"need at least 3 encoder variants for a slope with a confidence interval, got "
                          f"{len(variants)} (export_epochs=true gives one per epoch)")
     truth = SimTruth(args.sim_preset)
-    overrides = [f"data.source.preset={args.sim_preset}", *([f"threads={args.threads}"] if args.threads else []),
-                 *overrides]
+    overrides = [f"data.source.preset={args.sim_preset}", *overrides]
+    pipe = Pipeline(out, cache, emb_dir, [], [], args.threads, "csv", log=log)
     rec_key = f"recall@{args.k}"
     rows = []
     t0 = time.perf_counter()
@@ -236,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         emb = truth.embeddings(v["fingerprint"], emb_dir)
         row = {**v, rec_key: truth.recall(emb, args.k),
                "category probe": truth.probe(emb, "category"), "colour probe": truth.probe(emb, "colour")}
-        ms = [ctr_run(v["fingerprint"], s, args.preset, out, emb_dir, overrides) for s in args.seeds]
+        ms = [ctr_run(pipe, v["fingerprint"], s, args.preset, overrides) for s in args.seeds]
         row["gauc"] = statistics.mean(m["test_random"]["gauc"] for m in ms)
         row["auc"] = statistics.mean(m["test_random"]["auc"] for m in ms)
         rows.append(row)

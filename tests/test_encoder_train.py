@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from ctr.runs import compose_config
 from omegaconf import open_dict
 
 from conftest import data_dir
@@ -18,12 +18,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def compose_run(overrides, run_dir: Path, cache_dir: Path, emb_dir: Path):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "logger=csv", "trainer.enable_progress_bar=false"])
+    cfg = compose_config(CONF, [*overrides, "logger=csv", "trainer.enable_progress_bar=false"],
+                         run_dir=run_dir, cache_dir=cache_dir, embeddings_dir=emb_dir)
     with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-        cfg.paths.embeddings_dir = str(emb_dir)
         src = cfg.data.module.source
         if src._target_.endswith("SimItems"):
             src.preset = "tiny"

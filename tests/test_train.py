@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from ctr.runs import compose_config
 from omegaconf import open_dict
 
 from ctr.train import format_table, train
@@ -16,12 +16,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def compose_run(overrides, tmp_path, cache_dir):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "logger=csv"])
+    cfg = compose_config(CONF, [*overrides, "logger=csv"], run_dir=tmp_path / "run", cache_dir=cache_dir,
+                         embeddings_dir=tmp_path / "embeddings")
     with open_dict(cfg):
-        cfg.paths.run_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(cache_dir)
-        cfg.paths.embeddings_dir = str(tmp_path / "embeddings")
         if "SimulatorSource" in cfg.data.source._target_:
             cfg.data.source.preset = "tiny"
     return cfg

@@ -77,15 +77,22 @@ def check_click_split(sidecar: dict, meta: dict, where: str) -> None:
             raise ValueError(f"{where}: the encoder's clicks come from {mine}, the CTR data from {src}")
 
 
-def load_item_vectors(table: str, embeddings_dir: str | Path | None, meta: dict) -> tuple[Tensor, dict]:
-    """The table's vectors in the artefact's item-row order: [N + 1, D] float32 (row 0: zeros), and
-    its sidecar. Every item of the artefact must be in the table (an error names the first missing)."""
-    path, side_path = table_files(table, embeddings_dir)
-    sidecar = json.loads(side_path.read_text()) if side_path.exists() else {}
+def artefact_items(meta: dict) -> pl.DataFrame:
+    """The prepared artefact's item table (``row``, the items' columns, train impressions)."""
     if meta.get("items") is None or "path" not in meta:
         raise ValueError("image-aware CTR needs item rows: add `item_refs: [item_id, ...]` to the "
                          "data settings")
-    items = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"], columns=["item_id", "row"])
+    return pl.read_parquet(Path(meta["path"]) / meta["items"]["file"])
+
+
+def load_item_vectors(table: str, embeddings_dir: str | Path | None, meta: dict,
+                      items: pl.DataFrame | None = None) -> tuple[Tensor, dict]:
+    """The table's vectors in the artefact's item-row order: [N + 1, D] float32 (row 0: zeros), and
+    its sidecar. Every item of the artefact must be in the table (an error names the first missing).
+    ``items``: the artefact's item table when the caller has read it already."""
+    path, side_path = table_files(table, embeddings_dir)
+    sidecar = json.loads(side_path.read_text()) if side_path.exists() else {}
+    items = (artefact_items(meta) if items is None else items).select("item_id", "row")
     df = pl.read_parquet(path)
     for col in ("item_id", "embedding"):
         if col not in df.columns:
@@ -296,10 +303,8 @@ class VisualArch(nn.Module):
 
 def vocab_item_rows(meta: dict) -> Tensor:
     """Item row of each item_id vocabulary index ([vocab_size]; 0 for padding and OOV)."""
-    art = Path(meta["path"])
-    vocab = pl.read_parquet(art / "vocab" / "item_id.parquet")
-    items = pl.read_parquet(art / meta["items"]["file"], columns=["item_id", "row"])
-    j = vocab.join(items, on="item_id", how="left")
+    vocab = pl.read_parquet(Path(meta["path"]) / "vocab" / "item_id.parquet")
+    j = vocab.join(artefact_items(meta).select("item_id", "row"), on="item_id", how="left")
     out = torch.zeros(meta["vocab_sizes"]["item_id"], dtype=torch.long)
     out[torch.from_numpy(j["index"].to_numpy().astype(np.int64))] = torch.from_numpy(
         j["row"].fill_null(0).to_numpy().astype(np.int64))
@@ -311,8 +316,8 @@ def build_visual_arch(meta: dict, embedding_dim: int, table: str, embeddings_dir
     """The :class:`VisualArch` of an exported table (fingerprint or path) for a prepared artefact:
     vectors aligned to the item rows, and the train impressions and ``pair_by`` groups of the
     artefact's items for the debiasing pairs."""
-    vectors, sidecar = load_item_vectors(table, embeddings_dir, meta)
-    items = pl.read_parquet(Path(meta["path"]) / meta["items"]["file"])
+    items = artefact_items(meta)
+    vectors, sidecar = load_item_vectors(table, embeddings_dir, meta, items)
     impressions = items["train_impressions"].to_numpy() if "train_impressions" in items.columns else None
     group = None
     if pair_by:
