@@ -177,6 +177,18 @@ def test_debias_network_learns_to_align_pairs(tiny_sim, sim_table):
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.5 * first
+    # many rows (a batch of histories) take the whole-table path: the same vectors and gradients
+    n = vis.table.shape[0]
+    many = torch.randint(0, n, (3 * n,))
+    many[:5] = 0
+    grads = []
+    for chunks in ([many], list(many.split(n // 2))):
+        vis.debias.zero_grad()
+        out = torch.cat([vis.vectors(c) for c in chunks])
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in vis.debias.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6) and torch.all(grads[0][0][:5] == 0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
     # high-impression items end up closer to their partners than before
     hi = torch.nonzero(vis.partner > 0).squeeze(1)
     before = (torch.nn.functional.normalize(vis.table[hi], dim=-1)

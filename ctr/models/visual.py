@@ -227,9 +227,14 @@ class VisualArch(nn.Module):
     # vectors -----------------------------------------------------------------------------------
     def vectors(self, rows: Tensor) -> Tensor:
         """Item vectors of item rows (any shape) after the debiasing network; row 0 stays zero."""
-        v = self.table[rows]
-        if self.debias is not None:
-            v = self.debias(v) * (rows > 0).unsqueeze(-1).to(v.dtype)
+        if self.debias is None:
+            v = self.table[rows]
+        elif rows.numel() > self.table.shape[0]:  # adjust the whole table once, then look up
+            t = self.debias(self.table)
+            t = torch.cat([torch.zeros_like(t[:1]), t[1:]])
+            v = t[rows]
+        else:
+            v = self.debias(self.table[rows]) * (rows > 0).unsqueeze(-1).to(self.table.dtype)
         return F.normalize(v, dim=-1) if self.normalize else v
 
     def item_features(self, v: Tensor) -> Tensor | None:
