@@ -39,6 +39,7 @@ class CTRModule(pl_.LightningModule):
         self.slice_metrics = nn.ModuleList([
             nn.ModuleList([ctr_metrics(f"{s}/{name}/") for name in self.slice_names]) for s in self.eval_splits])
         self.train_samples = 0
+        self.history_tokens = 0  # behaviour-sequence items the model has read in training
         self.train_seconds = 0.0
         self._t_prev: float | None = None
 
@@ -71,12 +72,23 @@ class CTRModule(pl_.LightningModule):
         self.train_seconds += now - self._t_prev  # type: ignore[operator]
         self._t_prev = now
         self.train_samples += len(batch)
+        if batch.seq_len is not None:
+            self.history_tokens += int(batch.seq_len.sum())
 
     def on_validation_start(self) -> None:
         self._t_prev = None  # evaluation time is not training time
 
     def on_train_epoch_start(self) -> None:
         self._t_prev = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:  # a resumed run counts on
+        checkpoint["seen"] = {"samples": self.train_samples, "history_tokens": self.history_tokens}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if _fitting(self):  # resuming; not reloading the best weights for evaluation
+            seen = checkpoint.get("seen") or {}
+            self.train_samples = int(seen.get("samples", 0))
+            self.history_tokens = int(seen.get("history_tokens", 0))
 
     @property
     def train_samples_per_s(self) -> float:
@@ -129,3 +141,11 @@ class CTRModule(pl_.LightningModule):
         if h.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=h.lr)
         raise ValueError(f"unknown optimizer {h.optimizer!r} (adam, adamw)")
+
+
+def _fitting(module) -> bool:
+    """True while ``trainer.fit`` runs (e.g. resuming), False in validate/test/predict."""
+    try:
+        return module.trainer.state.fn == "fit"
+    except RuntimeError:  # not attached to a trainer
+        return False

@@ -6,6 +6,7 @@ best checkpoint (``checkpoints/best.ckpt``), the CSV/wandb logs and ``metrics.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -131,6 +132,7 @@ def section(prefix: str, logged: dict) -> dict:
 def finish_run(run_dir: Path, metrics: dict, loggers: list) -> dict:
     """Write ``metrics.json`` and hand its numbers to the loggers (as ``final/...``)."""
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    (run_dir / "failed.json").unlink(missing_ok=True)  # a stale one from an earlier attempt
     for lg in loggers:
         lg.log_metrics({f"final/{k}": v for k, v in flat(metrics).items()})
         lg.finalize("success")
@@ -145,3 +147,39 @@ def flat(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = v
     return out
+
+
+def forward_flops(model: torch.nn.Module, batch, call=None) -> float:
+    """Forward FLOPs per sample of ``model`` on ``batch`` (torch's FlopCounterMode: matrix products
+    and convolutions, 2 FLOPs per multiply-add; embedding lookups and element-wise ops count 0),
+    in eval mode; ``call(batch)`` instead of ``model(batch)`` when given. A training step costs
+    about three times this."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            (call or model)(batch)
+    finally:
+        model.train(was)
+    return fc.get_total_flops() / max(len(batch), 1)
+
+
+@contextlib.contextmanager
+def failure_recorded(cfg: DictConfig):
+    """Write ``failed.json`` (the error, its traceback, the axes) into the run folder when the run
+    raises, then re-raise. In a Hydra multirun every launcher still runs the other jobs; the sweep's
+    analysis (``experiments/scaling.py``) lists the failed folders instead of silently missing them."""
+    try:
+        yield
+    except Exception as e:
+        import traceback
+
+        run_dir = Path(cfg.paths.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                "axes": OmegaConf.to_container(cfg.axes, resolve=True) if cfg.get("axes") else {},
+                "seed": cfg.get("seed"), "experiment": cfg.get("name")}
+        atomic_write(run_dir / "failed.json", json.dumps(info, indent=1, default=str))
+        raise

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctr.runs import resume_checkpoint, best_checkpoint, best_epoch, build_trainer, finish_run, section, start_run
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, forward_flops,
+                      resume_checkpoint, section, start_run)
 
 
 def oracle_metrics(split_dir: Path) -> dict | None:
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> dict:
 
     from ctr.module import CTRModule
 
+    t_start = time.perf_counter()
     run_dir = start_run(cfg)
     t0 = time.perf_counter()
     dm = instantiate(cfg.data, _convert_="all")
@@ -74,6 +76,10 @@ def train(cfg: DictConfig) -> dict:
     slices, slice_info = item_slices(meta, spec)
     module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices, **cfg.optim)
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
+    dm.setup("fit")
+    n_train = dm.n_train
+    probe = dm.stores["train"][(dm.train_index if dm.train_index is not None else torch.arange(n_train))[:256]]
+    flops = forward_flops(model, probe)
 
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
@@ -98,13 +104,19 @@ def train(cfg: DictConfig) -> dict:
                    if (dm.artefact.split_dir(s) / "extra.true_ctr.npy").exists()},
         "best_epoch": best_epoch(ckpt),
         "epochs": trainer.current_epoch,
-        "train_samples": module.train_samples,
+        "train_impressions": n_train,  # the (sub)set of the train split trained on
+        "train_samples": module.train_samples,  # impressions seen, epochs included: the CTR stage's tokens
+        "tokens_seen": module.train_samples,
+        "history_tokens_seen": module.history_tokens,
+        "flops_per_sample": flops,  # forward; a training step costs about 3x
+        "train_flops": 3.0 * flops * module.train_samples,
         "train_samples_per_s": module.train_samples_per_s,
         "prepare_seconds": prepare_s,  # this run (0 when the artefact was cached)
         "data_build_seconds": meta.get("prepare_seconds"),  # raw files -> tensors, when it was built
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in model.parameters()),
         "checkpoint": best,
+        "wall_seconds": time.perf_counter() - t_start,
     }
     if not metrics["oracle"]:
         del metrics["oracle"]
@@ -142,7 +154,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    metrics = train(cfg)
+    with failure_recorded(cfg):
+        metrics = train(cfg)
     print(format_table(metrics))
     print(f"run folder: {cfg.paths.run_dir}")
     return float(metrics["val"].get("auc", float("nan")))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-KS = (1, 5, 10)
+KS = (1, 5, 10, 100)
 
 
 @dataclass
@@ -75,16 +75,23 @@ def same_group_queries(rows: np.ndarray, group: np.ndarray) -> SearchQueries:
     return SearchQueries(rows_s[q_idx], np.concatenate([[0], np.cumsum(lens)]), rows_s[pos], rows)
 
 
+NLL_TEMPERATURE = 0.05
+
+
 @torch.no_grad()
 def search_recall(emb: Tensor, q: SearchQueries, ks=KS, chunk: int = 1024) -> dict[str, float]:
-    """Image search recall@K of ``q`` over item embeddings ``emb`` [N, D] (row-aligned)."""
+    """Image search recall@K of ``q`` over item embeddings ``emb`` [N, D] (row-aligned), and
+    ``nll``: the mean over queries of -log of the softmax mass (cosine / 0.05, over the gallery
+    without the query) on the query's relevant items, a smooth retrieval loss (about
+    log(gallery / relevant) for uninformative embeddings) for learning curves and scaling fits."""
     if len(q) == 0:
-        return {f"recall@{k}": float("nan") for k in ks}
+        return {**{f"recall@{k}": float("nan") for k in ks}, "nll": float("nan")}
     kmax = min(max(ks), len(q.gallery) - 1)
     gal = emb[torch.from_numpy(q.gallery)]
     pos_in_gallery = np.full(emb.shape[0], -1, np.int64)
     pos_in_gallery[q.gallery] = np.arange(len(q.gallery))
     hits = {k: np.zeros(len(q)) for k in ks}
+    nll = np.zeros(len(q))
     lens = np.diff(q.offsets)
     for lo in range(0, len(q), chunk):
         hi = min(lo + chunk, len(q))
@@ -103,7 +110,13 @@ def search_recall(emb: Tensor, q: SearchQueries, ks=KS, chunk: int = 1024) -> di
         denom = np.maximum(rel.sum(1), 1)
         for k in ks:
             hits[k][lo:hi] = found[:, :k].sum(1) / denom
-    return {f"recall@{k}": float(hits[k].mean()) for k in ks}
+        logits = sim.float() / NLL_TEMPERATURE
+        on_rel = logits.masked_fill(~torch.from_numpy(rel), float("-inf"))
+        nll[lo:hi] = (logits.logsumexp(1) - on_rel.logsumexp(1)).numpy()
+    # queries without a relevant item in the gallery have nll inf: left out of the mean
+    fin = np.isfinite(nll)
+    return {**{f"recall@{k}": float(hits[k].mean()) for k in ks},
+            "nll": float(nll[fin].mean()) if fin.any() else float("nan")}
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def export_embeddings(module, loader, item_ids: np.ndarray, image_fingerprint: s
     module.eval()
     emb = None
     for chunk in loader:
-        z = module.eval_images(chunk["images"].to(module.device)).float().cpu().numpy()
+        z = module.eval_images(chunk["images"].to(module.device), chunk["rows"]).float().cpu().numpy()
         if emb is None:
             emb = np.zeros((len(item_ids), z.shape[1]), np.float32)
         emb[chunk["rows"].numpy()] = z

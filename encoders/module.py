@@ -45,7 +45,8 @@ class ContrastiveModule(pl.LightningModule):
                  matryoshka_dims: list[int] | None = None, queue_size: int = 0,
                  logit_scale: dict | None = None, symmetric: bool = True,
                  lr: float = 1e-3, tower_lr: float | None = None, weight_decay: float = 0.05,
-                 warmup_steps: int = 0, tower_delay_steps: int = 0, optimizer: str = "adamw"):
+                 warmup_steps: int = 0, tower_delay_steps: int = 0, optimizer: str = "adamw",
+                 cache_tower_features: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
         self.tasks = {t: float(w) for t, w in (tasks or {"self_supervised": 1.0}).items() if w}
@@ -55,6 +56,17 @@ class ContrastiveModule(pl.LightningModule):
         if "image_text" in self.tasks and text_tower is None:
             raise ValueError("the image_text task needs a text tower")
         self.image_tower, self.text_tower = image_tower, text_tower
+        # a frozen tower on unaugmented images gives each item the same features at every step:
+        # compute them once per item, train the heads (and scales, queues) on the cached ones
+        self.cache_tower_features = cache_tower_features
+        if cache_tower_features:
+            if any(p.requires_grad for p in image_tower.parameters()):
+                raise ValueError("cache_tower_features needs a frozen image tower (image.freeze=true)")
+            if "self_supervised" in self.tasks:
+                raise ValueError("cache_tower_features trains without augmentation: the self_supervised task "
+                                 "(two augmented views) cannot run with it")
+        self._features: Tensor | None = None  # [rows, out_dim] cached tower features
+        self._cached: Tensor | None = None    # [rows] bool
         self.image_head = ProjectionHead(image_tower.out_dim, embed_dim, head_hidden)
         self.text_head = ProjectionHead(text_tower.out_dim, embed_dim, head_hidden) if text_tower else None
         self.image_size = image_size
@@ -74,18 +86,43 @@ class ContrastiveModule(pl.LightningModule):
         self._t_end: float | None = None
         self._delayed: list[nn.Parameter] = []
         self._val: dict[str, list] = {}
+        # what training has seen, per task (kept in checkpoints, so a resumed run counts on):
+        # examples (pairs, or items for self_supervised), images encoded, negatives per query summed
+        self.seen: dict[str, dict[str, float]] = {t: {"examples": 0, "negatives": 0.0, "steps": 0}
+                                                  for t in self.tasks}
+        self.images_seen = 0
 
     # ------------------------------------------------------------------ encoding
     def embed_images(self, images: Tensor, normalize: bool = True) -> Tensor:
         z = self.image_head(self.image_tower(images))
         return F.normalize(z, dim=-1) if normalize else z
 
+    def tower_features(self, rows: Tensor, images: Tensor) -> Tensor:
+        """Tower features of item ``rows`` (uint8 ``images``, row-aligned), computed on first use."""
+        n = int(rows.max()) + 1
+        if self._features is None or self._features.shape[0] < n:
+            size = max(n, 2 * (0 if self._features is None else self._features.shape[0]))
+            feats = torch.zeros(size, self.image_tower.out_dim, device=images.device)
+            have = torch.zeros(size, dtype=torch.bool, device=images.device)
+            if self._features is not None:
+                feats[:len(self._features)], have[:len(self._cached)] = self._features, self._cached
+            self._features, self._cached = feats, have
+        miss = ~self._cached[rows]
+        if miss.any():
+            with torch.no_grad():
+                self._features[rows[miss]] = self.image_tower(to_float(images[miss], self.image_size)).float()
+            self._cached[rows[miss]] = True
+        return self._features[rows]
+
     def embed_texts(self, tokens: dict[str, Tensor], normalize: bool = True) -> Tensor:
         z = self.text_head(self.text_tower(tokens))
         return F.normalize(z, dim=-1) if normalize else z
 
-    def eval_images(self, images: Tensor) -> Tensor:
-        """Embeddings of uint8 images without augmentation, at the training resolution."""
+    def eval_images(self, images: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Embeddings of uint8 images without augmentation, at the training resolution (the item
+        ``rows`` let ``cache_tower_features`` reuse the cached tower features)."""
+        if self.cache_tower_features and rows is not None:
+            return F.normalize(self.image_head(self.tower_features(rows, images)), dim=-1)
         return self.embed_images(to_float(images, self.image_size))
 
     # ------------------------------------------------------------------ training
@@ -98,6 +135,7 @@ class ContrastiveModule(pl.LightningModule):
             z2 = self.embed_images(self.augment(batch["images"][rows]))
             losses = [self.nt_xent(a, b, scale, keys=keys[rows])
                       for a, b in zip(matryoshka_slices(z1, self.dims), matryoshka_slices(z2, self.dims))]
+            self._count(task, len(rows), 2 * len(rows) - 2)
             return torch.stack(losses).mean(), logs
         if task == "image_text":
             rows = batch["items"]
@@ -126,14 +164,50 @@ class ContrastiveModule(pl.LightningModule):
             logs["acc"] = self.info_nce.last_accuracy
         if queue is not None:
             queue.enqueue(p.detach(), pk)
+        n_hard = 0 if hard is None else (hard.shape[1] if hard.dim() == 3 else hard.shape[0])
+        self._count(task, len(q), len(p) - 1 + (len(qe) if qe is not None else 0) + n_hard)
         return torch.stack(losses).mean(), logs
+
+    def _count(self, task: str, examples: int, negatives: int) -> None:
+        """Training examples seen and the negatives each query was contrasted with (in-batch,
+        queue and hard negatives; before false-negative masking)."""
+        if self.training:
+            c = self.seen[task]
+            c["examples"] += int(examples)
+            c["negatives"] += float(negatives)
+            c["steps"] += 1
+
+    def seen_summary(self) -> dict:
+        """``{"examples": per task, "negatives_per_query": mean per task, "tokens": all examples,
+        "images": images encoded}``: the encoder's scaling axes as training saw them."""
+        return {"examples": {t: int(c["examples"]) for t, c in self.seen.items()},
+                "negatives_per_query": {t: c["negatives"] / c["steps"] if c["steps"] else None
+                                        for t, c in self.seen.items()},
+                "tokens": int(sum(c["examples"] for c in self.seen.values())),
+                "images": int(self.images_seen)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["seen"] = {"tasks": self.seen, "images": self.images_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from ctr.module import _fitting
+
+        seen = checkpoint.get("seen")
+        if seen and _fitting(self):  # resuming; not reloading the best weights for evaluation
+            self.seen.update({t: dict(c) for t, c in seen["tasks"].items() if t in self.seen})
+            self.images_seen = int(seen["images"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         t0 = time.perf_counter()
         images, keys = batch["images"], batch["keys"]
-        x = self.augment(images)
-        t_aug = time.perf_counter() - t0
-        emb = self.embed_images(x)
+        if self.cache_tower_features:
+            t_aug = 0.0
+            emb = F.normalize(self.image_head(self.tower_features(batch["rows"], images)), dim=-1)
+        else:
+            x = self.augment(images)
+            t_aug = time.perf_counter() - t0
+            emb = self.embed_images(x)
+        self.images_seen += int(images.shape[0])
         total = 0.0
         n = _batch_samples(batch)
         for task, w in self.tasks.items():
@@ -177,7 +251,7 @@ class ContrastiveModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val["rows"].append(batch["rows"])
-        self._val["img"].append(self.eval_images(batch["images"]).float())
+        self._val["img"].append(self.eval_images(batch["images"], batch["rows"]).float())
         if "tokens" in batch and self.text_tower is not None:
             self._val["txt"].append(self.embed_texts(batch["tokens"]).float())
 

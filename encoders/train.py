@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
-from ctr.runs import (best_checkpoint, best_epoch, build_trainer, finish_run, resume_checkpoint, section,
-                      start_run)
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, finish_run, forward_flops, resume_checkpoint,
+                      section, start_run)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -65,6 +65,7 @@ def train(cfg: DictConfig) -> dict:
 
     from encoders.module import ContrastiveModule
 
+    t_start = time.perf_counter()
     run_dir = start_run(cfg)
 
     image_tower = instantiate(cfg.image, _convert_="all")
@@ -100,6 +101,8 @@ def train(cfg: DictConfig) -> dict:
     val = section("val", trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0])
     test = section("test", trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0])
 
+    seen = module.seen_summary()
+    flops = forward_flops(module, dm.images[:8], call=module.eval_images)
     emb_path, emb_fp, reused = export_items(module, dm, cfg.paths.embeddings_dir, run_dir=str(run_dir),
                                             experiment=cfg.get("name"), seed=cfg.seed)
     metrics = {
@@ -122,6 +125,10 @@ def train(cfg: DictConfig) -> dict:
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in module.parameters()),
         "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "tokens_seen": seen["tokens"],  # training examples (pairs; items for self_supervised), all tasks
+        "seen": seen,
+        "flops_per_image": flops,  # forward, image tower + head at image_size; a training step ~3x
+        "wall_seconds": time.perf_counter() - t_start,
         "checkpoint": best,
         "embeddings": {"fingerprint": emb_fp, "path": str(emb_path), "reused": reused},
     }
@@ -184,7 +191,10 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "encoders")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    metrics = train(cfg)
+    from ctr.runs import failure_recorded
+
+    with failure_recorded(cfg):
+        metrics = train(cfg)
     print(format_table(metrics))
     print(f"run folder: {cfg.paths.run_dir}")
     key = (cfg.monitor.get("metric") or cfg.data.monitor).split("/", 1)[1]

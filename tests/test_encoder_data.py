@@ -210,6 +210,17 @@ def _naive_recall(emb, q: SearchQueries, k):
     return float(np.mean(out))
 
 
+def _naive_nll(emb, q: SearchQueries, t=0.05):
+    out = []
+    for i, qr in enumerate(q.query):
+        rel = set(q.relevant[q.offsets[i]:q.offsets[i + 1]].tolist())
+        cand = [g for g in q.gallery if g != qr]
+        p = np.exp(np.array([float(emb[qr] @ emb[g]) for g in cand]) / t)
+        if rel & set(cand):
+            out.append(-np.log(sum(p[j] for j, g in enumerate(cand) if g in rel) / p.sum()))
+    return float(np.mean(out))
+
+
 def test_search_recall_matches_a_plain_loop():
     rng = np.random.default_rng(0)
     emb = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
@@ -220,6 +231,7 @@ def test_search_recall_matches_a_plain_loop():
     got = search_recall(emb, q, ks=(1, 5, 10), chunk=7)
     for k in (1, 5, 10):
         assert got[f"recall@{k}"] == pytest.approx(_naive_recall(emb.numpy(), q, k))
+    assert got["nll"] == pytest.approx(_naive_nll(emb.numpy(), q), rel=1e-5)
     # a perfect embedding (one point per group) finds every relevant item
     perfect = torch.nn.functional.one_hot(torch.from_numpy(group), 12).float()
     assert search_recall(perfect, q, ks=(10,))["recall@10"] == pytest.approx(1.0)

@@ -113,6 +113,13 @@ def test_module_losses_clamp_and_queue(cache_dir):
     assert all(p.grad is not None for p in m.image_tower.parameters() if p.requires_grad)
     assert m.scales["click"].log_scale.grad is not None
     assert len(m.queues["click"]) == 8 and len(m.queues["image_text"]) == 8
+    # what training saw: 8 click pairs, each query against 7 in-batch + 8 hard negatives (the
+    # queue was empty); a second step adds the 8 queued positives
+    assert m.seen["click"]["examples"] == 8 and m.seen["click"]["negatives"] == 15
+    m.training_step(batch, 1)
+    s = m.seen_summary()
+    assert s["examples"]["click"] == 16 and s["negatives_per_query"]["click"] == pytest.approx((15 + 23) / 2)
+    assert s["negatives_per_query"]["self_supervised"] == 14 and s["tokens"] == 48
     m.on_train_batch_end(None, batch, 0)
     assert float(m.scales["click"]()) == pytest.approx(100.0)  # clamped after the step
     with pytest.raises(ValueError, match="text tower"):
@@ -145,3 +152,37 @@ def test_tower_delay_trains_the_heads_first():
     m.hparams.tower_delay_steps = 0  # (global_step is 0 outside a trainer)
     m.on_train_batch_start({}, 0)
     assert all(p.requires_grad for p in m.image_tower.parameters())
+
+
+def test_cached_tower_features_match_the_tower(cache_dir):
+    """cache_tower_features: a frozen tower's features computed once per item, the same as the
+    tower's own (training and evaluation); refused for a trainable tower or augmented views."""
+    from encoders.datamodule import ContrastiveDataModule, SimItems
+    from encoders.images import to_float
+    from encoders.module import ContrastiveModule
+    from encoders.towers import ImageTower
+
+    torch.manual_seed(0)
+    tasks = {"click": 1.0}
+    tower = ImageTower("lcnet_050", img_size=32, freeze=True)
+    m = ContrastiveModule(tower, None, embed_dim=16, tasks=tasks, image_size=32, queue_size=8,
+                          cache_tower_features=True)
+    dm = ContrastiveDataModule(SimItems("tiny"), tasks, image_size=32, batch_size=8, cache_dir=str(cache_dir))
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    m.log = lambda *a, **k: None
+    m._t_step = 0.0
+    loss = m.training_step(batch, 0)
+    loss.backward()
+    assert m.image_head.net.weight.grad is not None and not any(p.grad is not None for p in tower.parameters())
+    rows, imgs = batch["rows"], batch["images"]
+    assert int(m._cached.sum()) == len(rows)
+    with torch.no_grad():
+        direct = m.image_tower(to_float(imgs, 32))
+    assert torch.allclose(m.tower_features(rows, imgs), direct, atol=1e-5)
+    assert torch.allclose(m.eval_images(imgs, rows), m.eval_images(imgs), atol=1e-5)
+    with pytest.raises(ValueError, match="frozen image tower"):
+        ContrastiveModule(ImageTower("lcnet_050", img_size=32), None, tasks=tasks, cache_tower_features=True)
+    with pytest.raises(ValueError, match="self_supervised"):
+        ContrastiveModule(ImageTower("lcnet_050", img_size=32, freeze=True), None,
+                          tasks={"self_supervised": 1.0}, cache_tower_features=True)

@@ -66,3 +66,19 @@ def test_short_real_training_on_ml100k(tmp_path, cache_dir):
     metrics = train(cfg)
     assert metrics["test"]["auc"] > 0.70 and metrics["test"]["gauc"] > 0.70
     assert metrics["best_epoch"] is not None and Path(metrics["checkpoint"]).exists()
+
+
+def test_samples_seen_count_every_epoch_and_survive_a_resume(tmp_path, cache_dir):
+    """tokens_seen counts every training impression (not those up to the best epoch, whose
+    weights are reloaded for evaluation), and a resumed run counts on from its checkpoint."""
+    over = ["experiment=scale_sim_tokens", "data.train_samples=0.5", "trainer.max_epochs=2",
+            "monitor.patience=null", "trainer.enable_progress_bar=false"]
+    cfg = compose_run(over, tmp_path, cache_dir)
+    m = train(cfg)
+    n = m["train_impressions"]
+    assert m["tokens_seen"] == m["train_samples"] == 2 * n and m["epochs"] == 2
+    assert m["train_flops"] == pytest.approx(3 * m["flops_per_sample"] * 2 * n)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs, cfg.resume = 3, True
+    m3 = train(cfg)
+    assert m3["tokens_seen"] == 3 * n and m3["history_tokens_seen"] > m["history_tokens_seen"]
