@@ -289,6 +289,12 @@ def plot(name: str, study: Study | None, res: dict, runs: list[dict], path: Path
             ax.plot([r["x"]], [r["measured"]], marker="s", mfc="none", color="C2", ms=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain major labels; minor labels would overlap
+        axis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter() if y.max() / y.min() < 10 else NullFormatter())
     ax.set_xlabel(study.x_label if study else "x")
     ax.set_ylabel(study.y_label if study else "L")
     ax.set_title(name)
