@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PACKAGES = ("torch", "pytorch-lightning", "torchmetrics", "timm", "polars", "hydra-core", "wandb", "numpy")
 
@@ -67,7 +67,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
                                        patience=cfg.monitor.patience))
-    loggers = [instantiate(lg, _convert_="all") for lg in (cfg.get("logger") or {}).values() if lg]
+    loggers = [instantiate(_resume_version(lg, run_dir) if resume_checkpoint(cfg, run_dir) else lg, _convert_="all")
+               for lg in (cfg.get("logger") or {}).values() if lg]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           default_root_dir=str(run_dir), _convert_="all")
     for lg in loggers:
@@ -75,6 +76,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write(run_dir / "env.json", json.dumps(environment(), indent=1))
     return trainer, ckpt, loggers
+
+
+def _resume_version(lg: DictConfig, run_dir: Path) -> DictConfig:
+    """A resumed run's CSV log goes to ``<name>/resume<k>/`` next to the earlier attempts' logs
+    (Lightning's CSVLogger would otherwise delete them)."""
+    if not str(lg.get("_target_", "")).endswith("CSVLogger"):
+        return lg
+    base = Path(str(lg.get("save_dir", run_dir))) / str(lg.get("name", "lightning_logs"))
+    k = 1 + sum(1 for p in base.glob("resume*") if p.is_dir())
+    lg = lg.copy()
+    with open_dict(lg):
+        lg.version = f"resume{k}"
+    return lg
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:

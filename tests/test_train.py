@@ -82,3 +82,6 @@ def test_samples_seen_count_every_epoch_and_survive_a_resume(tmp_path, cache_dir
         cfg.trainer.max_epochs, cfg.resume = 3, True
     m3 = train(cfg)
     assert m3["tokens_seen"] == 3 * n and m3["history_tokens_seen"] > m["history_tokens_seen"]
+    # the first attempt's CSV log is kept beside the resumed one's
+    csv = tmp_path / "run" / "csv"
+    assert (csv / "metrics.csv").exists() and (csv / "resume1" / "metrics.csv").exists()
