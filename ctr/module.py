@@ -10,6 +10,7 @@ from torch import nn
 
 from ctr.data.batch import Batch
 from ctr.metrics import ctr_metrics
+from ctr.runs import fitting
 
 
 class CTRModule(pl_.LightningModule):
@@ -85,7 +86,7 @@ class CTRModule(pl_.LightningModule):
         checkpoint["seen"] = {"samples": self.train_samples, "history_tokens": self.history_tokens}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if _fitting(self):  # resuming; not reloading the best weights for evaluation
+        if fitting(self):  # resuming; not reloading the best weights for evaluation
             seen = checkpoint.get("seen") or {}
             self.train_samples = int(seen.get("samples", 0))
             self.history_tokens = int(seen.get("history_tokens", 0))
@@ -141,11 +142,3 @@ class CTRModule(pl_.LightningModule):
         if h.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=h.lr)
         raise ValueError(f"unknown optimizer {h.optimizer!r} (adam, adamw)")
-
-
-def _fitting(module) -> bool:
-    """True while ``trainer.fit`` runs (e.g. resuming), False in validate/test/predict."""
-    try:
-        return module.trainer.state.fn == "fit"
-    except RuntimeError:  # not attached to a trainer
-        return False

@@ -1,6 +1,6 @@
 """The three-stage MOON pipeline: pretrain -> post-train -> export -> CTR, as one command.
 
-``python -m ctr.pipeline [--seeds 0 1 2] [--out DIR] [--encoders k=v ...] [--ctr k=v ...]``
+``python -m ctr.pipeline [--seeds 0 1 2] [--out DIR] [--encoders k=v ...] [--posttrain k=v ...] [--ctr k=v ...]``
 
 1. **pretrain** (``encoders.train experiment=pretrain``): the ImageNet EfficientNet-Lite0 and a
    small text tower, self-supervised views plus image-title pairs, on the simulator's catalogue;
@@ -72,9 +72,11 @@ def _fingerprint(cfg, upstream: dict) -> str:
 
 class Pipeline:
     def __init__(self, out: Path, cache_dir: Path, embeddings_dir: Path, encoder_overrides: list[str],
-                 ctr_overrides: list[str], threads: int | None, logger: str, log=print):
+                 ctr_overrides: list[str], threads: int | None, logger: str, log=print,
+                 posttrain_overrides: list[str] = ()):
         self.out, self.cache_dir, self.embeddings_dir = out, cache_dir, embeddings_dir
         self.encoder_overrides, self.ctr_overrides = encoder_overrides, ctr_overrides
+        self.posttrain_overrides = list(posttrain_overrides)  # the post-training stage's alone (recipes)
         self.threads, self.logger, self.log = threads, logger, log
 
     def stage_config(self, conf_dir: Path, overrides: list[str]):
@@ -107,7 +109,8 @@ class Pipeline:
 
         stages: dict[str, dict] = {}
         for name, preset, init in ENCODER_STAGES:
-            over = [f"experiment={preset}", f"seed={seed}", *self.encoder_overrides]
+            over = [f"experiment={preset}", f"seed={seed}", *self.encoder_overrides,
+                    *(self.posttrain_overrides if name == "posttrain" else [])]
             upstream = {}
             if init is not None:
                 over.append(f"init_from={stages[init]['run_dir']}")
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "pipeline")
     ap.add_argument("--encoders", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for both encoder stages (e.g. trainer.max_epochs=2)")
+    ap.add_argument("--posttrain", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides for the post-training stage alone (e.g. tasks.image_text=1.0): "
+                         "the pretrain stage is reused")
     ap.add_argument("--ctr", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for every CTR run (e.g. trainer.max_epochs=2)")
     ap.add_argument("--threads", type=int, default=None)
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = Pipeline(out, cache, emb, args.encoders, args.ctr, args.threads, args.logger,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 log=lambda s: print(s, file=sys.stderr, flush=True), posttrain_overrides=args.posttrain)
     t0 = time.perf_counter()
     results = []
     for s in args.seeds:

@@ -117,7 +117,6 @@ def compose_config(conf_dir: str | Path, overrides: list[str], **paths: str) -> 
     ``cache_dir``, ``embeddings_dir``) from ``paths``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
@@ -197,3 +196,20 @@ def failure_recorded(cfg: DictConfig):
                 "seed": cfg.get("seed"), "experiment": cfg.get("name")}
         atomic_write(run_dir / "failed.json", json.dumps(info, indent=1, default=str))
         raise
+
+
+def fitting(module) -> bool:
+    """True while ``trainer.fit`` runs (e.g. resuming from a checkpoint), False in validate/test
+    (e.g. reloading the best weights) or outside a trainer."""
+    try:
+        return module.trainer.state.fn == "fit"
+    except RuntimeError:  # not attached to a trainer
+        return False
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A script's arguments before ``--`` and the Hydra overrides after it."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return list(argv[:i]), list(argv[i + 1:])

@@ -76,10 +76,8 @@ def train(cfg: DictConfig) -> dict:
     slices, slice_info = item_slices(meta, spec)
     module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices, **cfg.optim)
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
-    dm.setup("fit")
     n_train = dm.n_train
-    probe = dm.stores["train"][(dm.train_index if dm.train_index is not None else torch.arange(n_train))[:256]]
-    flops = forward_flops(model, probe)
+    flops = forward_flops(model, next(iter(dm.train_dataloader())))
 
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctr.runs import fitting
 from encoders.data import TASKS
 from encoders.evaluate import image_text_recall, search_recall
 from encoders.images import BatchAugment, to_float
@@ -99,20 +100,22 @@ class ContrastiveModule(pl.LightningModule):
 
     def tower_features(self, rows: Tensor, images: Tensor) -> Tensor:
         """Tower features of item ``rows`` (uint8 ``images``, row-aligned), computed on first use."""
-        n = int(rows.max()) + 1
-        if self._features is None or self._features.shape[0] < n:
-            size = max(n, 2 * (0 if self._features is None else self._features.shape[0]))
-            feats = torch.zeros(size, self.image_tower.out_dim, device=images.device)
-            have = torch.zeros(size, dtype=torch.bool, device=images.device)
-            if self._features is not None:
-                feats[:len(self._features)], have[:len(self._cached)] = self._features, self._cached
-            self._features, self._cached = feats, have
+        grow = int(rows.max()) + 1 - (0 if self._features is None else len(self._features))
+        if grow > 0:
+            feats = torch.zeros(grow, self.image_tower.out_dim, device=images.device)
+            have = torch.zeros(grow, dtype=torch.bool, device=images.device)
+            self._features = feats if self._features is None else torch.cat([self._features, feats])
+            self._cached = have if self._cached is None else torch.cat([self._cached, have])
         miss = ~self._cached[rows]
         if miss.any():
             with torch.no_grad():
                 self._features[rows[miss]] = self.image_tower(to_float(images[miss], self.image_size)).float()
             self._cached[rows[miss]] = True
         return self._features[rows]
+
+    def embed_cached(self, rows: Tensor, images: Tensor) -> Tensor:
+        """Normalised embeddings of item ``rows`` from their cached tower features."""
+        return F.normalize(self.image_head(self.tower_features(rows, images)), dim=-1)
 
     def embed_texts(self, tokens: dict[str, Tensor], normalize: bool = True) -> Tensor:
         z = self.text_head(self.text_tower(tokens))
@@ -122,7 +125,7 @@ class ContrastiveModule(pl.LightningModule):
         """Embeddings of uint8 images without augmentation, at the training resolution (the item
         ``rows`` let ``cache_tower_features`` reuse the cached tower features)."""
         if self.cache_tower_features and rows is not None:
-            return F.normalize(self.image_head(self.tower_features(rows, images)), dim=-1)
+            return self.embed_cached(rows, images)
         return self.embed_images(to_float(images, self.image_size))
 
     # ------------------------------------------------------------------ training
@@ -190,10 +193,8 @@ class ContrastiveModule(pl.LightningModule):
         checkpoint["seen"] = {"tasks": self.seen, "images": self.images_seen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from ctr.module import _fitting
-
         seen = checkpoint.get("seen")
-        if seen and _fitting(self):  # resuming; not reloading the best weights for evaluation
+        if seen and fitting(self):  # resuming; not reloading the best weights for evaluation
             self.seen.update({t: dict(c) for t, c in seen["tasks"].items() if t in self.seen})
             self.images_seen = int(seen["images"])
 
@@ -202,7 +203,7 @@ class ContrastiveModule(pl.LightningModule):
         images, keys = batch["images"], batch["keys"]
         if self.cache_tower_features:
             t_aug = 0.0
-            emb = F.normalize(self.image_head(self.tower_features(batch["rows"], images)), dim=-1)
+            emb = self.embed_cached(batch["rows"], images)
         else:
             x = self.augment(images)
             t_aug = time.perf_counter() - t0

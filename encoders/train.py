@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
-from ctr.runs import (best_checkpoint, best_epoch, build_trainer, finish_run, forward_flops, resume_checkpoint,
-                      section, start_run)
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, forward_flops,
+                      resume_checkpoint, section, start_run)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -191,8 +191,6 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "encoders")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    from ctr.runs import failure_recorded
-
     with failure_recorded(cfg):
         metrics = train(cfg)
     print(format_table(metrics))

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctr.runs import mean_std as ms
+from ctr.runs import mean_std as ms, split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +106,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_encoders")
     ap.add_argument("--reuse", action="store_true", help="read run folders that already hold metrics.json")
-    argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    argv, overrides = split_overrides(sys.argv[1:])
+    args = ap.parse_args(argv)
     global REUSE
     REUSE = args.reuse
     {"sim": sim, "hm": hm}[args.study](args.seeds, args.out.resolve(), overrides)

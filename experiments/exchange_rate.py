@@ -45,6 +45,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
+from ctr.runs import split_overrides  # noqa: E402
+
 
 # ----------------------------------------------------------------------------------------------
 # variants
@@ -193,9 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--encoders", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides of the encoder stages it trains (without --runs/--tables)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "exchange_rate")
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     emb_dir = Path(os.environ.get("CTR_EMBED_DIR", ROOT / ".cache" / "embeddings"))
     out = args.out.resolve()

@@ -30,10 +30,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ctr.runs import split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,6 @@ class Study:
     one_minus: bool = False    # L = 1 - y (for a recall: the error rate)
     x_label: str = ""
     y_label: str = ""
-    overrides: tuple[str, ...] = field(default_factory=tuple)
     seeds: tuple[int, ...] = (0, 1)  # `run` without --seeds
 
 
@@ -129,7 +130,7 @@ def fit_power_law(x, y, offset: bool = True) -> dict:
     lx = np.log(x)
     if offset:
         ymin = y.min()
-        c = np.r_[0.0, ymin * (1.0 - np.geomspace(1e-4, 1.0, 400))]
+        c = ymin * (1.0 - np.geomspace(1e-4, 1.0, 400))  # from just below min(L) down to 0
         a, b, sse = _profile(lx, y, c)
         i = int(np.argmin(sse))
         lo, hi = c[max(i - 1, 0)], c[min(i + 1, len(c) - 1)]
@@ -363,7 +364,7 @@ def sweep(name: str, study: Study, runs_dir: Path, seeds, launcher: str, extra: 
     the exit status (non-zero when a job failed: the others still ran)."""
     cmd = [sys.executable, "-m", study.entry, "-m", f"experiment={study.preset}",
            f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={runs_dir}", "trainer.enable_progress_bar=false",
-           *study.overrides, *extra]
+           *extra]
     if launcher != "basic":
         cmd.append(f"hydra/launcher={launcher}")
     print("$", " ".join(cmd), flush=True)
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="the studies")
     for c in ("run", "fit"):
         p = sub.add_parser(c)
-        p.add_argument("study", help=f"one of {sorted(STUDIES)}" + (" or all" if c == "run" else " (or custom)"))
+        p.add_argument("study", help=f"one of {sorted(STUDIES)}, all" + ("" if c == "run" else ", or a custom name"))
         p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling",
                        help="where the table, plot and fit go")
         p.add_argument("--runs-root", type=Path, default=ROOT / "multirun" / "scaling",
@@ -390,19 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         if c == "run":
             p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the study's (0 1, or 0 1 2)")
             p.add_argument("--launcher", default="basic",
-                           help="basic, joblib, submitit_local, slurm (conf/hydra/launcher/slurm.yaml)")
-            p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+                           help="basic, local_parallel (joblib), submitit_local, slurm (conf/hydra/launcher/)")
         else:
             p.add_argument("--runs", type=Path, nargs="+",
                            help="run folders (default: the newest sweep under <runs-root>/<study>)")
             p.add_argument("--x", help="dotted metrics.json path of x (custom studies)")
             p.add_argument("--y", help="dotted metrics.json path of the loss")
             p.add_argument("--one-minus", action="store_true", help="L = 1 - y")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:  # Hydra overrides after "--" (argparse cannot take them after --seeds)
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_overrides(sys.argv[1:] if argv is None else argv)  # Hydra overrides after "--"
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for k, s in STUDIES.items():
@@ -417,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown study {name!r}; known: {sorted(STUDIES)}")
             runs_dir = (args.runs_root / name / time.strftime("%Y%m%d-%H%M%S")).resolve()
             t0 = time.perf_counter()
-            rc = sweep(name, study, runs_dir, args.seeds or study.seeds, args.launcher, [*args.overrides, *extra])
+            rc = sweep(name, study, runs_dir, args.seeds or study.seeds, args.launcher, extra)
             print(f"[{name}] sweep finished in {time.perf_counter() - t0:.0f} s (exit status {rc})", flush=True)
             status = status or rc
             dirs = [runs_dir]

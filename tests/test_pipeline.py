@@ -37,3 +37,13 @@ def test_pipeline_chains_reuses_and_resumes(tmp_path, cache_dir, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.count("reused") == 5 and "[ctr-sim_din-ids-seed0] resuming" in err
     assert (ids_dir / "metrics.json").exists()
+    # a post-training recipe of its own: the pretrain stage is reused, post-training reruns with it
+    r2 = pipeline.main([*args, "--posttrain", "data.module.n_shown=1"])[0]
+    err = capsys.readouterr().err
+    assert "[pretrain-seed0] reused" in err and "[posttrain-seed0] running" in err
+    assert r2["encoders"]["pretrain"]["run_dir"] == enc["pretrain"]["run_dir"]
+    post2 = json.loads((tmp_path / "out" / r2["encoders"]["posttrain"]["run_dir"].split("/")[-1]
+                        / "metrics.json").read_text())
+    assert post2["init_from"]["checkpoint"].startswith(enc["pretrain"]["run_dir"])
+    assert "n_shown: 1" in (tmp_path / "out" / r2["encoders"]["posttrain"]["run_dir"].split("/")[-1]
+                            / "config.yaml").read_text()
