@@ -167,7 +167,8 @@ class InfoNCE(nn.Module):
     matches the query's own keys is masked as well (query i vs positive j, positive i vs query j, and
     hard negatives / queue entries vs query i): the query's own item is no negative.
 
-    ``forward`` returns the mean over local rows; ``last_accuracy`` holds the top-1 accuracy of the query
+    ``forward`` returns the mean over local rows (``reduction="none"``: the ``[B]`` per-row losses, each
+    the mean of its two directions when symmetric, for per-example weights); ``last_accuracy`` holds the top-1 accuracy of the query
     direction (over all its candidates) of the last call.
     """
 
@@ -181,7 +182,10 @@ class InfoNCE(nn.Module):
     def forward(self, query: Tensor, positive: Tensor, logit_scale: Tensor | float, *,
                 query_keys: Tensor | None = None, positive_keys: Tensor | None = None,
                 hard_negatives: Tensor | None = None, hard_negative_keys: Tensor | None = None,
-                queue: Tensor | None = None, queue_keys: Tensor | None = None) -> Tensor:
+                queue: Tensor | None = None, queue_keys: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if query.shape != positive.shape or query.dim() != 2:
             raise ValueError(f"query and positive must both be [B, D], got {tuple(query.shape)} "
                              f"and {tuple(positive.shape)}")
@@ -240,7 +244,7 @@ class InfoNCE(nn.Module):
             full = torch.cat([m if m is not None else torch.zeros_like(p, dtype=torch.bool)
                               for m, p in zip(masks, parts)], dim=1)
             logits = logits.masked_fill(full, float("-inf"))
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, target, reduction=reduction)
         with torch.no_grad():
             self.last_accuracy = (logits.argmax(dim=1) == target).float().mean() if b else None
 
@@ -248,7 +252,7 @@ class InfoNCE(nn.Module):
             logits_p = _scaled(positive @ q_all.T, logit_scale)
             if mask_p is not None:
                 logits_p = logits_p.masked_fill(mask_p, float("-inf"))
-            loss = (loss + F.cross_entropy(logits_p, target)) / 2
+            loss = (loss + F.cross_entropy(logits_p, target, reduction=reduction)) / 2
         return loss
 
     def extra_repr(self) -> str:

@@ -1,0 +1,142 @@
+"""MOON2.0 at this machine's scale: the benchmark table and the ablation table, one command each.
+
+    python experiments/moon2.py benchmark [--seeds 0 1 2] [--runs DIR] [-- hydra overrides]
+    python experiments/moon2.py ablation  [--seeds 0 1 2] [--runs DIR] [-- hydra overrides]
+    python experiments/moon2.py table     [--runs DIR]
+
+``benchmark`` trains the plain dual encoder and the full model (``dual_encoder``, ``moon2_full``)
+for each seed and prints the multi-direction benchmark (mean ± std over seeds, in %);
+``ablation`` trains the full model and its four ablations (``moon2_no_moe``, ``moon2_no_dual``,
+``moon2_no_coaug``, ``moon2_no_filter``) and prints the ablation table. Runs live in
+``DIR/<preset>/seed<k>/`` (default ``multirun/moon2``); a run with a ``metrics.json`` is reused, so
+both commands share the full model's runs and resume after an interruption. ``table`` prints both
+tables from the run folders alone. Tables are also written to ``docs/moon2/`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ctr.runs import split_overrides  # noqa: E402
+
+BENCH = ["dual_encoder", "moon2_full"]
+ABLATION = ["moon2_full", "moon2_no_moe", "moon2_no_dual", "moon2_no_coaug", "moon2_no_filter"]
+# the ablation table's columns: (source, metric, label)
+ABLATION_COLS = [("hm", "i2mm/r@10", "H&M i2mm R@10"), ("hm", "mm2mm/r@1", "H&M mm2mm R@1"),
+                 ("hm", "t2i/r@10", "H&M t2i R@10"), ("hm", "i2i/r@10", "H&M i2i R@10"),
+                 ("fashion", "i2mm/r@1", "Fashion i2mm R@1"), ("fashion", "t2mm/r@1", "Fashion t2mm R@1"),
+                 ("fashion", "t2i/r@10", "Fashion t2i R@10"), ("fashion", "zs_image/acc", "Fashion zero-shot"),
+                 ("hm", "probe_colour/acc", "H&M colour probe")]
+
+
+def train_runs(presets: list[str], seeds: list[int], runs: Path, overrides: list[str]) -> None:
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    for p in presets:
+        for s in seeds:
+            out = runs / p / f"seed{s}"
+            if (out / "metrics.json").exists():
+                print(f"[moon2] reuse {out}")
+                continue
+            cmd = [sys.executable, "-m", "encoders.moon2.train", f"experiment={p}", f"seed={s}",
+                   f"hydra.run.dir={out}", "trainer.enable_progress_bar=false", *overrides]
+            print(f"[moon2] {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def collect(runs: Path) -> dict[str, list[dict]]:
+    """experiment -> metrics of its seeds (run folders with a metrics.json under ``runs``)."""
+    out: dict[str, list[dict]] = {}
+    for f in sorted(runs.glob("*/seed*/metrics.json")):
+        m = json.loads(f.read_text())
+        out.setdefault(m["experiment"], []).append(m)
+    return out
+
+
+def _stat(vals: list[float]) -> str:
+    v = np.array([x for x in vals if x is not None and not np.isnan(x)], float) * 100
+    if len(v) == 0:
+        return ""
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+
+def benchmark_table(res: dict[str, list[dict]], presets: list[str]) -> str:
+    from encoders.moon2.benchmark import format_benchmark
+
+    merged = {}
+    for p in presets:
+        if p not in res:
+            continue
+        ms = res[p]
+        label = f"{p} (n={len(ms)})"
+        merged[label] = {}
+        for src in ms[0]["benchmark"]:
+            keys = [k for k in ms[0]["benchmark"][src] if k != "n_test"]
+            merged[label][src] = {k: _stat([m["benchmark"][src].get(k) for m in ms]) for k in keys}
+            merged[label][src]["n_test"] = ms[0]["benchmark"][src]["n_test"]
+    return format_benchmark(merged)
+
+
+def ablation_table(res: dict[str, list[dict]], presets: list[str]) -> str:
+    head = "| variant | seeds | " + " | ".join(c[2] for c in ABLATION_COLS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(ABLATION_COLS))]
+    for p in presets:
+        if p not in res:
+            continue
+        ms = res[p]
+        cells = [_stat([m["benchmark"].get(src, {}).get(k) for m in ms]) for src, k, _ in ABLATION_COLS]
+        lines.append(f"| {p} | {len(ms)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def weights_table(res: dict[str, list[dict]], presets: list[str]) -> str:
+    """The learned objective weights (last epoch's mean, over seeds) of the MoE runs."""
+    lines = ["| variant | " + " | ".join(f"w_{o}" for o in ("t2mm", "i2mm", "mm2mm", "intra")) + " |",
+             "|---|---|---|---|---|"]
+    for p in presets:
+        ms = [m for m in res.get(p, []) if m["train_last"]]
+        if not ms:
+            continue
+        cells = []
+        for o in ("t2mm", "i2mm", "mm2mm", "intra"):
+            v = [m["train_last"].get(f"train/w_{o}_epoch") for m in ms]
+            v = [x for x in v if x is not None]
+            cells.append(f"{np.mean(v):.2f}" if v else "")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    own, overrides = split_overrides(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["benchmark", "ablation", "table"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs", type=Path, default=ROOT / "multirun" / "moon2")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "moon2")
+    args = ap.parse_args(own)
+    if args.command in ("benchmark", "ablation"):
+        train_runs(BENCH if args.command == "benchmark" else ABLATION, args.seeds, args.runs, overrides)
+    res = collect(args.runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command in ("benchmark", "table"):
+        text = benchmark_table(res, BENCH)
+        print("## Benchmark: recall and accuracy in %, mean ± std over seeds\n\n" + text)
+        (args.out / "benchmark.md").write_text(text)
+    if args.command in ("ablation", "table"):
+        text = ablation_table(res, ABLATION)
+        w = weights_table(res, ABLATION)
+        print("## Ablation (%, mean ± std over seeds)\n\n" + text + "\n## Learned objective weights\n\n" + w)
+        (args.out / "ablation.md").write_text(text + "\n" + w)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
