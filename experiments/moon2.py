@@ -32,10 +32,14 @@ from ctr.runs import split_overrides  # noqa: E402
 BENCH = ["dual_encoder", "moon2_full"]
 ABLATION = ["moon2_full", "moon2_no_moe", "moon2_no_dual", "moon2_no_coaug", "moon2_no_filter"]
 # the ablation table's columns: (source, metric, label)
-ABLATION_COLS = [("hm", "i2mm/r@10", "H&M i2mm R@10"), ("hm", "mm2mm/r@1", "H&M mm2mm R@1"),
-                 ("hm", "t2i/r@10", "H&M t2i R@10"), ("hm", "i2i/r@10", "H&M i2i R@10"),
-                 ("fashion", "i2mm/r@1", "Fashion i2mm R@1"), ("fashion", "t2mm/r@1", "Fashion t2mm R@1"),
-                 ("fashion", "t2i/r@10", "Fashion t2i R@10"), ("fashion", "zs_image/acc", "Fashion zero-shot"),
+ABLATION_COLS = [("hm", "variant/i2mm/r@1", "H&M variant i2mm R@1"),
+                 ("hm", "variant/mm2mm/r@1", "H&M variant mm2mm R@1"),
+                 ("hm", "variant/i2i/r@1", "H&M variant i2i R@1"),
+                 ("hm", "variant/t2i/r@1", "H&M variant t2i R@1"),
+                 ("hm", "item/i2t/r@1", "H&M item i2t R@1"),
+                 ("fashion", "item/i2mm/r@1", "Fashion item i2mm R@1"),
+                 ("fashion", "item/i2t/r@10", "Fashion item i2t R@10"),
+                 ("fashion", "zs_image/acc", "Fashion zero-shot (image)"),
                  ("hm", "probe_colour/acc", "H&M colour probe")]
 
 
@@ -54,10 +58,14 @@ def train_runs(presets: list[str], seeds: list[int], runs: Path, overrides: list
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:
-    """experiment -> metrics of its seeds (run folders with a metrics.json under ``runs``)."""
+    """experiment -> metrics of its seeds (run folders with a metrics.json under ``runs``), each
+    with the current benchmark of its best checkpoint."""
+    from encoders.moon2.benchmark import evaluate_run
+
     out: dict[str, list[dict]] = {}
     for f in sorted(runs.glob("*/seed*/metrics.json")):
         m = json.loads(f.read_text())
+        m["benchmark"] = evaluate_run(f.parent)  # the run's benchmark.json (recomputed if outdated)
         out.setdefault(m["experiment"], []).append(m)
     return out
 

@@ -301,13 +301,21 @@ def test_retrieval_against_brute_force():
     group = np.repeat(np.arange(15), 2)
     group[:4] = [100, 101, 102, 103]  # four items alone in their product
     emb = {m: F.normalize(torch.randn(n, 6), dim=-1) for m in ("text", "image", "mm")}
-    got = retrieval(emb, group, ks=(1, 5))
+    for mode in ("same", "all"):
+        _check_retrieval(emb, group, n, mode)
+    with pytest.raises(ValueError):
+        retrieval(emb, group, exclude_self="none")
+
+
+def _check_retrieval(emb, group, n, mode):
+    got = retrieval(emb, group, ks=(1, 5), exclude_self=mode)
     for q, c in (("image", "mm"), ("mm", "mm"), ("text", "image")):
         name = {"text": "t", "image": "i", "mm": "mm"}
         for k in (1, 5):
             hits, counted = 0, 0
             for i in range(n):
-                sims = [(float(emb[q][i] @ emb[c][j]), j) for j in range(n) if not (q == c and j == i)]
+                drop = q == c or mode == "all"
+                sims = [(float(emb[q][i] @ emb[c][j]), j) for j in range(n) if not (drop and j == i)]
                 rel = {j for _, j in sims if group[j] == group[i]}
                 if not rel:
                     continue
@@ -326,3 +334,17 @@ def test_linear_probe_separates_separable_classes():
     assert linear_probe(x[:200], labels[:200], x[200:], labels[200:]) > 0.95
     # a test label never seen in training is an error
     assert linear_probe(x[:200], labels[:200], x[200:201], np.array(["zzz"])) == 0.0
+
+
+def test_fusion_shortcut_is_the_linear_heads_when_the_fusion_branch_is_zero():
+    torch.manual_seed(0)
+    enc = MultimodalEncoder(12, 6, image_tokens=4, text_tokens=5, dim=16, heads=2, embed_dim=8)
+    with torch.no_grad():
+        enc.out.weight.zero_()
+        enc.out.bias.zero_()
+    img, txt = torch.randn(2, 4, 12), torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    t_mean = (txt * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    want = F.normalize(enc.image_skip(img.mean(1)) + enc.text_skip(t_mean), dim=-1)
+    torch.testing.assert_close(enc(image=img, text=txt, text_mask=mask)[0], want)
+    assert MultimodalEncoder(12, 6, shortcut=False).image_skip is None

@@ -1,22 +1,25 @@
 """A multi-direction product retrieval benchmark in the spirit of MBE2.0, on held-out products.
 
-``python -m encoders.moon2.benchmark RUN_DIR [RUN_DIR ...]`` prints the full table of each trained
-run (``encoders.moon2.train`` writes the same numbers into its ``metrics.json``).
+``python -m encoders.moon2.benchmark RUN_DIR [RUN_DIR ...]`` prints the full table of trained runs
+(evaluating each run's best checkpoint once; the result is kept in the run's ``benchmark.json``).
 
 For every source (H&M: held-out products; Fashion Product Images: a held-out split, never trained
-on), over the test items:
+on), over the test items, in every direction ``q2c`` for query and candidate modality in text,
+image and multimodal (image + text); Recall@K is the share of queries with a relevant candidate in
+the top K:
 
-* **retrieval in every direction** ``q2c`` for query and candidate modality in text, image and
-  multimodal (image + text): Recall@K is the share of queries with a relevant candidate in the top
-  K. Relevant: the items of the query's product (colour variants on H&M; on Fashion each item is its
-  own product). For ``q == c`` the query itself is left out of the gallery and only queries with
-  another item of their product count (none on Fashion: those cells are empty); for ``q != c`` the
-  query item's own other form is a relevant candidate.
-* **zero-shot product-type classification**: each type name, embedded as a text, is a class; an
-  item's image (``zs_image``) or multimodal (``zs_mm``) embedding picks the nearest class. Accuracy.
-* **attribute prediction by a linear probe** (colour, garment group) on frozen multimodal
-  embeddings: multinomial logistic regression fitted on the source's training items, accuracy on the
-  test items.
+* **variant search** (``variant/<q2c>``; H&M only): the relevant candidates are the *other* items
+  of the query's product (its colour variants); the query's own item is never a candidate, in any
+  form, so no direction can be solved by recognising the query's own image or text inside a
+  multimodal candidate. Only queries whose product has another test item count.
+* **item retrieval** (``item/<q2c>``, cross-modal directions only): the query item's own other
+  form is relevant (and, on H&M, its product's other items): classic image-text retrieval and its
+  multimodal extensions; a multimodal embedding that keeps both modalities scores high here.
+* **zero-shot product-type classification** (``zs_image``, ``zs_mm``): each type name, embedded as a
+  text, is a class; an item's image or multimodal embedding picks the nearest. Accuracy.
+* **attribute prediction by a linear probe** (``probe_colour``, ``probe_garment``) on frozen
+  multimodal embeddings: multinomial logistic regression fitted on the source's training items,
+  accuracy on the test items.
 """
 
 from __future__ import annotations
@@ -43,23 +46,27 @@ def direction(q: str, c: str) -> str:
 
 
 @torch.no_grad()
-def retrieval(emb: dict[str, Tensor], group: np.ndarray, directions=None, ks=KS,
+def retrieval(emb: dict[str, Tensor], group: np.ndarray, directions=None, ks=KS, exclude_self: str = "same",
               chunk: int = 1024) -> dict[str, float]:
-    """``{"<q>2<c>/r@K": recall}`` over row-aligned normalised embeddings per modality; see the module
-    docstring for relevance. A direction without a valid query gives NaN."""
+    """``{"<q>2<c>/r@K": recall}`` over row-aligned normalised embeddings per modality. Relevant: the
+    rows of the query's ``group``. ``exclude_self``: ``"same"`` leaves the query's own row out of
+    the gallery in same-modality directions only, ``"all"`` in every direction. Queries without a
+    relevant candidate are not counted; a direction without any gives NaN."""
+    if exclude_self not in ("same", "all"):
+        raise ValueError(f"exclude_self must be 'same' or 'all', got {exclude_self!r}")
     directions = directions or [(q, c) for q in MODALITIES for c in MODALITIES]
     g = torch.as_tensor(np.asarray(group))
     n = len(g)
     out = {}
     for q, c in directions:
-        same = q == c
+        drop_self = exclude_self == "all" or q == c
         hits = {k: 0 for k in ks}
         counted = 0
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             sim = emb[q][lo:hi] @ emb[c].T
             rel = g[lo:hi, None] == g[None, :]
-            if same:
+            if drop_self:
                 idx = torch.arange(lo, hi)
                 sim[idx - lo, idx] = float("-inf")
                 rel[idx - lo, idx] = False
@@ -72,6 +79,9 @@ def retrieval(emb: dict[str, Tensor], group: np.ndarray, directions=None, ks=KS,
         for k in ks:
             out[f"{direction(q, c)}/r@{k}"] = hits[k] / counted if counted else float("nan")
     return out
+
+
+CROSS = [(q, c) for q in MODALITIES for c in MODALITIES if q != c]
 
 
 @torch.no_grad()
@@ -138,7 +148,8 @@ def run_benchmark(module, sources: dict, prompts: dict) -> dict[str, dict[str, f
             out[name] = {"n_test": float(len(test))}
             continue
         emb = embed_rows(module, tokens, test)
-        res = retrieval(emb, items.group[test])
+        res = {f"variant/{k}": v for k, v in retrieval(emb, items.group[test], exclude_self="all").items()}
+        res.update({f"item/{k}": v for k, v in retrieval(emb, items.group[test], directions=CROSS).items()})
         names, ptext, pmask = prompts[name]
         cls, _ = module.embed(text=torch.from_numpy(np.array(ptext, np.float32)), mask=torch.from_numpy(np.array(pmask)))
         types = products.attrs["type"][test]
@@ -154,8 +165,9 @@ def run_benchmark(module, sources: dict, prompts: dict) -> dict[str, dict[str, f
 
 
 def format_benchmark(results: dict[str, dict[str, dict[str, float]]], ks=KS) -> str:
-    """One block per source: rows = directions (then classification and probes), columns = models
-    x R@K. ``results``: model -> source -> metrics (values may be ``"mean ± std"`` strings)."""
+    """Per source: the variant-search and item-retrieval blocks (rows = directions, columns =
+    models x R@K), then classification and probes. ``results``: model -> source -> metrics (values
+    may be ``"mean ± std"`` strings). Rows without any value are left out."""
     models = list(results)
     sources = list(dict.fromkeys(s for r in results.values() for s in r))
     lines = []
@@ -167,14 +179,17 @@ def format_benchmark(results: dict[str, dict[str, dict[str, float]]], ks=KS) -> 
 
     for s in sources:
         lines.append(f"\n### {s} (test items: {int(_first(results, s, 'n_test') or 0)})\n")
-        head = "| direction | " + " | ".join(f"{m} R@{k}" for m in models for k in ks) + " |"
-        lines += [head, "|" + "---|" * (1 + len(models) * len(ks))]
-        for q in MODALITIES:
-            for c in MODALITIES:
+        for proto, dirs in (("variant", [(q, c) for q in MODALITIES for c in MODALITIES]), ("item", CROSS)):
+            rows = []
+            for q, c in dirs:
                 d = direction(q, c)
-                vals = [cell(results[m].get(s, {}).get(f"{d}/r@{k}")) for m in models for k in ks]
-                lines.append(f"| {d} | " + " | ".join(vals) + " |")
-        lines += ["", "| task (accuracy %) | " + " | ".join(models) + " |", "|" + "---|" * (1 + len(models))]
+                vals = [cell(results[m].get(s, {}).get(f"{proto}/{d}/r@{k}")) for m in models for k in ks]
+                if any(vals):
+                    rows.append(f"| {proto} {d} | " + " | ".join(vals) + " |")
+            if rows:
+                lines += ["| direction | " + " | ".join(f"{m} R@{k}" for m in models for k in ks) + " |",
+                          "|" + "---|" * (1 + len(models) * len(ks)), *rows, ""]
+        lines += ["| task (accuracy %) | " + " | ".join(models) + " |", "|" + "---|" * (1 + len(models))]
         for key, label in (("zs_image/acc", "zero-shot type, image"), ("zs_mm/acc", "zero-shot type, multimodal"),
                            ("probe_colour/acc", "linear probe: colour"),
                            ("probe_garment/acc", "linear probe: garment group")):
@@ -190,6 +205,42 @@ def _first(results, source, key):
     return None
 
 
+BENCHMARK_VERSION = 2
+
+
+def evaluate_run(run_dir: str | Path, force: bool = False) -> dict:
+    """The benchmark of a trained run (its best checkpoint, else its last), computed once and kept
+    in ``<run>/benchmark.json`` (recomputed when the benchmark's definition has changed)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from encoders.moon2.datamodule import Moon2DataModule
+    from encoders.moon2.module import Moon2Module
+
+    run_dir = Path(run_dir)
+    out = run_dir / "benchmark.json"
+    if out.exists() and not force:
+        saved = json.loads(out.read_text())
+        if saved.get("version") == BENCHMARK_VERSION:
+            return saved["benchmark"]
+    ckpt = next((p for p in (run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt")
+                 if p.exists()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/best.ckpt or last.ckpt to evaluate")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    image_tower = instantiate(cfg.towers.image, _convert_="all")
+    text_tower = instantiate(cfg.towers.text, _convert_="all")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = Moon2DataModule(image_tower, text_tower, image_size=cfg.image_size, cache_dir=cfg.paths.cache_dir,
+                         seed=cfg.seed, coaug={"enabled": False}, **data)
+    dm.setup()
+    module = Moon2Module.load_from_checkpoint(str(ckpt), map_location="cpu")
+    bench = run_benchmark(module, dm.sources, dm.prompts)
+    out.write_text(json.dumps({"version": BENCHMARK_VERSION, "checkpoint": str(ckpt), "benchmark": bench},
+                              indent=1, default=float))
+    return bench
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -197,7 +248,7 @@ def main(argv: list[str]) -> None:
     results = {}
     for d in argv:
         m = json.loads((Path(d) / "metrics.json").read_text())
-        results[f"{m['experiment']} s{m['seed']}"] = m["benchmark"]
+        results[f"{m['experiment']} s{m['seed']}"] = evaluate_run(d)
     print(format_benchmark(results))
 
 

@@ -146,12 +146,14 @@ class MultimodalEncoder(nn.Module):
         ffn: ``"moe"`` or ``"mlp"``. ``ffn_mult``: the MLP's hidden width is ``ffn_mult * dim``;
             each of the ``experts`` MoE experts has ``ffn_mult * dim / top_k``, so both cost the
             same per token.
+        shortcut: add linear maps of the mean image tokens and the masked mean text tokens (the
+            towers' own pooled features) to the fusion output before normalising.
     """
 
     def __init__(self, image_dim: int, text_dim: int, *, image_tokens: int = 16, text_tokens: int = 32,
                  dim: int = 128, layers: int = 2, heads: int = 4, embed_dim: int = 128,
                  ffn: str = "moe", ffn_mult: int = 4, experts: int = 4, top_k: int = 2,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, shortcut: bool = True):
         super().__init__()
         if ffn not in ("moe", "mlp"):
             raise ValueError(f"ffn must be 'moe' or 'mlp', got {ffn!r}")
@@ -173,6 +175,10 @@ class MultimodalEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, embed_dim)
         self.n_experts = experts if ffn == "moe" else 0
+        # linear shortcuts from the towers' pooled features (the dual encoder's heads): the fusion
+        # branch adds to them, so the pretrained geometry is there from the first step
+        self.image_skip = nn.Linear(image_dim, embed_dim) if shortcut else None
+        self.text_skip = nn.Linear(text_dim, embed_dim) if shortcut else None
 
     def forward(self, image: Tensor | None = None, text: Tensor | None = None,
                 text_mask: Tensor | None = None) -> tuple[Tensor, Routing | None]:
@@ -201,7 +207,13 @@ class MultimodalEncoder(nn.Module):
                 routings.append(r)
         m = mask.unsqueeze(-1).to(x.dtype)
         pooled = (self.norm(x) * m).sum(1) / m.sum(1)
-        return F.normalize(self.out(pooled), dim=-1), Routing.mean(routings)
+        z = self.out(pooled)
+        if self.image_skip is not None and image is not None:
+            z = z + self.image_skip(image.float().mean(1))
+        if self.text_skip is not None and text is not None:
+            tm = masks[-1].unsqueeze(-1).to(text.dtype if text.is_floating_point() else torch.float32)
+            z = z + self.text_skip((text.float() * tm).sum(1) / tm.sum(1).clamp_min(1e-9))
+        return F.normalize(z, dim=-1), Routing.mean(routings)
 
 
 class DualEncoder(nn.Module):

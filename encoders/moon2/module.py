@@ -208,7 +208,8 @@ class Moon2Module(pl.LightningModule):
             return
         rows = torch.cat(self._val["rows"]).numpy()
         emb = {m: torch.cat(self._val[m]) for m in ("text", "image", "mm")}
-        res = retrieval(emb, self.evaluation["group"][rows], ks=(1, 10))
+        # variant search: the other items of the query's product, the query's own item never a candidate
+        res = retrieval(emb, self.evaluation["group"][rows], ks=(1, 10), exclude_self="all")
         for k, v in res.items():
             self.log(f"val/{k}", v, batch_size=1)
         for k in (1, 10):  # over the nine directions (those with a query)

@@ -7,12 +7,13 @@ issue's plain dual encoder: linear heads on the same frozen towers, image-text I
 
 The towers (ImageNet EfficientNet-Lite0, MiniLM) stay frozen; their token features are cached once.
 The run folder holds the resolved config, the best checkpoint (on ``val/mean_r@1``: the mean R@1
-over the nine query -> candidate modality directions, validation products) and ``metrics.json`` with
+over the nine query -> candidate modality directions of the variant search, validation products) and ``metrics.json`` with
 the benchmark of :mod:`encoders.moon2.benchmark` on every source's test items.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "moon2")
 def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
-    from encoders.moon2.benchmark import run_benchmark
+    from encoders.moon2.benchmark import BENCHMARK_VERSION, run_benchmark
     from encoders.moon2.datamodule import Moon2DataModule
     from encoders.moon2.module import Moon2Module
 
@@ -63,6 +64,8 @@ def train(cfg: DictConfig) -> dict:
     val = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()} \
         if not cfg.trainer.get("fast_dev_run") else {}
     bench = run_benchmark(module, dm.sources, dm.prompts)
+    (run_dir / "benchmark.json").write_text(json.dumps(
+        {"version": BENCHMARK_VERSION, "checkpoint": best, "benchmark": bench}, indent=1, default=float))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics = {
         "experiment": cfg.get("name"),
