@@ -66,6 +66,7 @@ def collect(runs: Path) -> dict[str, list[dict]]:
     for f in sorted(runs.glob("*/seed*/metrics.json")):
         m = json.loads(f.read_text())
         m["benchmark"] = evaluate_run(f.parent)  # the run's benchmark.json (recomputed if outdated)
+        m["signals"] = train_signals(f.parent)
         out.setdefault(m["experiment"], []).append(m)
     return out
 
@@ -106,18 +107,45 @@ def ablation_table(res: dict[str, list[dict]], presets: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+OBJECTIVES = ("t2mm", "i2mm", "mm2mm", "intra")
+
+
+def train_signals(run_dir: Path) -> dict[str, float]:
+    """From a run's CSV log: the last epoch's objective weights, and the mean filtered share and
+    kept share of augmented views over the last epoch's logged values."""
+    import polars as pl
+
+    f = run_dir / "csv" / "metrics.csv"
+    if not f.exists():
+        return {}
+    d = pl.read_csv(f, infer_schema_length=None)
+    out = {}
+    for o in OBJECTIVES:
+        c = f"train/w_{o}_epoch"
+        if c in d.columns and d[c].drop_nulls().len():
+            out[f"w_{o}"] = float(d[c].drop_nulls()[-1])
+    for name in ("filtered_share", "aug_kept_share"):
+        cols = [c for c in (f"train/{name}_epoch", f"train/{name}_step", f"train/{name}") if c in d.columns]
+        if cols and "epoch" in d.columns:
+            rows = d.filter(pl.col(cols[0]).is_not_null())
+            if rows.height:
+                out[name] = float(rows.filter(pl.col("epoch") == rows["epoch"].max())[cols[0]].mean())
+    return out
+
+
 def weights_table(res: dict[str, list[dict]], presets: list[str]) -> str:
-    """The learned objective weights (last epoch's mean, over seeds) of the MoE runs."""
-    lines = ["| variant | " + " | ".join(f"w_{o}" for o in ("t2mm", "i2mm", "mm2mm", "intra")) + " |",
-             "|---|---|---|---|---|"]
+    """Training signals of each variant (mean over seeds): the learned objective weights (last
+    epoch), the share of triples the filter down-weighted and the share of augmented views the
+    consistency filter kept (last epoch)."""
+    cols = [f"w_{o}" for o in OBJECTIVES] + ["filtered_share", "aug_kept_share"]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|" + "---|" * (1 + len(cols))]
     for p in presets:
-        ms = [m for m in res.get(p, []) if m["train_last"]]
-        if not ms:
+        sig = [m.get("signals", {}) for m in res.get(p, [])]
+        if not sig:
             continue
         cells = []
-        for o in ("t2mm", "i2mm", "mm2mm", "intra"):
-            v = [m["train_last"].get(f"train/w_{o}_epoch") for m in ms]
-            v = [x for x in v if x is not None]
+        for c in cols:
+            v = [x[c] for x in sig if c in x]
             cells.append(f"{np.mean(v):.2f}" if v else "")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -142,7 +170,7 @@ def main(argv: list[str]) -> None:
     if args.command in ("ablation", "table"):
         text = ablation_table(res, ABLATION)
         w = weights_table(res, ABLATION)
-        print("## Ablation (%, mean ± std over seeds)\n\n" + text + "\n## Learned objective weights\n\n" + w)
+        print("## Ablation (%, mean ± std over seeds)\n\n" + text + "\n## Training signals\n\n" + w)
         (args.out / "ablation.md").write_text(text + "\n" + w)
 
 

@@ -348,3 +348,30 @@ def test_fusion_shortcut_is_the_linear_heads_when_the_fusion_branch_is_zero():
     want = F.normalize(enc.image_skip(img.mean(1)) + enc.text_skip(t_mean), dim=-1)
     torch.testing.assert_close(enc(image=img, text=txt, text_mask=mask)[0], want)
     assert MultimodalEncoder(12, 6, shortcut=False).image_skip is None
+
+
+def test_fashion_source_names_the_file_and_column_it_lacks(tmp_path):
+    import io
+
+    import polars as pl
+    from PIL import Image
+
+    from ctr.data.contract import ContractError
+    from encoders.moon2.features import fashion_products
+
+    d = tmp_path / "fashion_product_images_small"
+    d.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 8), (200, 10, 10)).save(buf, format="JPEG")
+    pl.DataFrame({"id": [1, 2], "jpeg": [buf.getvalue()] * 2}).write_parquet(d / "images.parquet")
+    full = {"id": ["1", "2"], "gender": ["Men"] * 2, "masterCategory": ["Apparel"] * 2, "subCategory": ["Topwear"] * 2,
+            "articleType": ["Tshirts"] * 2, "baseColour": ["Red", None], "season": ["Summer"] * 2, "year": ["2012"] * 2,
+            "usage": ["Casual"] * 2, "productDisplayName": ["Red Tee", None]}
+    pl.DataFrame({k: v for k, v in full.items() if k != "baseColour"}).write_csv(d / "styles.csv")
+    with pytest.raises(ContractError, match="styles.csv.*baseColour"):
+        fashion_products(16, str(tmp_path / "cache"), data_dir=str(tmp_path))
+    pl.DataFrame(full).write_csv(d / "styles.csv")
+    with pytest.warns(UserWarning, match="without productDisplayName"):
+        p = fashion_products(16, str(tmp_path / "cache"), data_dir=str(tmp_path), held_out=None)
+    assert p.items.titles == ["Red Tee", "Tshirts"] and p.items.meta["titles_filled"] == [2]
+    assert p.attrs["colour"].tolist() == ["Red", "unknown"]

@@ -47,12 +47,13 @@ def test_fast_dev_run_every_preset(experiment, tmp_path, cache_dir):
 def test_short_training_learns_and_logs_the_moon2_signals(tmp_path, cache_dir):
     from encoders.moon2.train import train
 
-    cfg = compose_run(["experiment=moon2_full", "trainer.max_epochs=3"], tmp_path / "run", cache_dir)
+    cfg = compose_run(["experiment=moon2_full", "trainer.max_epochs=2", "trainer.log_every_n_steps=5"],
+                      tmp_path / "run", cache_dir)
     m = train(cfg)
     assert m["best_epoch"] is not None and Path(m["checkpoint"]).exists()
     rows = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
     head = rows[0].split(",")
-    for col in ("train/filtered_share", "train/w_t2mm_epoch", "train/w_intra_epoch", "train/balance",
+    for col in ("train/filtered_share_step", "train/filtered_share_epoch", "train/w_t2mm_epoch", "train/w_intra_epoch", "train/balance",
                 "train/router_entropy", "train/aug_kept_share", "val/mean_r@1", "val/i2mm/r@10"):
         assert col in head, col
     # the consistency filter ran from epoch 1 and kept part of the augmented views

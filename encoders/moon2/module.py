@@ -107,8 +107,9 @@ class Moon2Module(pl.LightningModule):
             score = reliability(emb["q_mm"].detach(), emb["p_mm"].detach(), emb["n_mm"].detach(),
                                 self.filtering["kappa"], m)
             fw = filter_weights(score, self.filtering["threshold"])
-            self.log("train/filtered_share", (score < self.filtering["threshold"]).float().mean(), batch_size=b)
-            self.log("train/filter_weight", fw.mean(), batch_size=b)
+            self.log("train/filtered_share", (score < self.filtering["threshold"]).float().mean(),
+                     on_step=True, on_epoch=True, batch_size=b)
+            self.log("train/filter_weight", fw.mean(), on_step=True, on_epoch=True, batch_size=b)
             self.log("train/margin", float(m), batch_size=b)
 
         losses = {}

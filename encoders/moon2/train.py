@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> dict:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - t_fit
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}  # before validate() resets them
     best = best_checkpoint(cfg, ckpt)
     if best:
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
@@ -66,7 +67,6 @@ def train(cfg: DictConfig) -> dict:
     bench = run_benchmark(module, dm.sources, dm.prompts)
     (run_dir / "benchmark.json").write_text(json.dumps(
         {"version": BENCHMARK_VERSION, "checkpoint": best, "benchmark": bench}, indent=1, default=float))
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics = {
         "experiment": cfg.get("name"),
         "seed": cfg.seed,
