@@ -173,15 +173,15 @@ def test_inter_product_loss_against_reference():
     q, p, n = (F.normalize(torch.randn(b, 8), dim=-1) for _ in range(3))
     gq = torch.tensor([0, 1, 2, 3])
     rq, rp = torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 2, 13])  # row 2 is its own positive
-    rn, gn = torch.tensor([20, 21, 22, 23]), torch.tensor([5, 6, 7, 0])  # row 3's negative: product 0
+    rn, gn = torch.tensor([20, 21, 22, 23]), torch.tensor([5, 6, 7, 3])  # row 3's negative: its own product
     got = inter_product_loss(q, p, n, s, torch.stack([rq, gq], 1), torch.stack([rp, gq], 1),
                              torch.stack([rn, gn], 1))
     for i in range(b):
         cands = list(p) + [n[i]]
         masked = [j != i and bool(gq[j] == gq[i]) for j in range(b)] + [bool(gn[i] == gq[i])]
         assert abs(float(got[i]) - _nce_reference(q[i], cands, i, masked, s)) < 1e-5
-    # row 0's loss with its (valid) hard negative differs from the loss without it
-    assert float(got[0]) > _nce_reference(q[0], list(p), 0, [False] * b, s) - 1e-6
+    # row 3's hard negative belongs to its own product: masked, so its loss is the in-batch one
+    assert float(got[3]) == pytest.approx(_nce_reference(q[3], list(p), 3, [False] * b, s), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ co-augmentation

@@ -137,7 +137,16 @@ def embed_rows(module, tokens, rows: np.ndarray, modalities=MODALITIES, chunk: i
 @torch.no_grad()
 def run_benchmark(module, sources: dict, prompts: dict) -> dict[str, dict[str, float]]:
     """``sources``: name -> (Products, TokenSet); ``prompts``: name -> (class names, text tokens,
-    mask) of the product types. Returns name -> metrics."""
+    mask) of the product types. Returns name -> metrics. The module is scored in eval mode."""
+    was = module.training
+    module.eval()
+    try:
+        return _run_benchmark(module, sources, prompts)
+    finally:
+        module.train(was)
+
+
+def _run_benchmark(module, sources: dict, prompts: dict) -> dict[str, dict[str, float]]:
     out = {}
     for name, (products, tokens) in sources.items():
         items = products.items

@@ -61,7 +61,8 @@ class Moon2DataModule(pl.LightningDataModule):
             return
         self.products, self.tokens = self.load(self.train_source, self.n_items)
         for name, n in self.bench.items():
-            self.load(name, self.n_items if self.n_items is not None else n)
+            cap = [c for c in (self.n_items, n) if c is not None]
+            self.load(name, min(cap) if cap else None)
         if self.coaug["enabled"]:
             self.aug = self.build_aug(self.products)
         self.prompts = {}
@@ -82,7 +83,7 @@ class Moon2DataModule(pl.LightningDataModule):
         texts = enricher(titles, attrs)
         hidden, mask = text_token_cache(self.text_tower, texts, self._cache)
         v, seed = int(c["n_views"]), int(c["seed"])
-        key = hashlib.sha1(f"{items.image_fingerprint}:{rows.tobytes().hex()[:64]}:{len(rows)}:views{v}:seed{seed}"
+        key = hashlib.sha1(f"{items.image_fingerprint}:{hashlib.sha1(rows.tobytes()).hexdigest()}:views{v}:seed{seed}"
                            .encode()).hexdigest()[:16]
         edited = _LazyViews(items.images, rows, v, seed)
         img = image_token_cache(self.image_tower, edited, f"coaug-{key}", self._cache, self.image_size)

@@ -12,7 +12,10 @@ Objectives (each an InfoNCE with a logit scale of its own, names as in ``objecti
 The objectives are combined with the modality-driven weights of
 :class:`~encoders.moon2.fusion.ObjectiveWeights` when the encoder has MoE layers and
 ``weighting.learned``; otherwise with weight 1 each (the fixed-ratio mixture). MoE adds
-``aux.balance * load-balancing + aux.entropy * router entropy``.
+``aux.balance * load-balancing + aux.entropy * router entropy``. The routing behind each
+objective's weight: the text-only pass (``t2mm``), the image-only pass (``i2mm``), the multimodal
+pass over the batch's queries, positives and negatives (``mm2mm``), the mean of the image-only and
+text-only passes (``intra``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from encoders.moon2.objectives import (MarginSchedule, filter_weights, inter_pro
                                        intra_product_loss, reliability)
 
 OBJECTIVES = ("t2mm", "i2mm", "mm2mm", "intra")
-QUERY_MODALITY = {"t2mm": "text", "i2mm": "image", "mm2mm": "mm", "intra": "image+text"}
 
 
 class Moon2Module(pl.LightningModule):

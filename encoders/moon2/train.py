@@ -26,7 +26,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctr.runs import best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, start_run
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run,
+                      resume_checkpoint, start_run)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "moon2")
 
@@ -56,14 +57,14 @@ def train(cfg: DictConfig) -> dict:
 
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
     fit_s = time.perf_counter() - t_fit
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}  # before validate() resets them
     best = best_checkpoint(cfg, ckpt)
     if best:
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    val = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()} \
-        if not cfg.trainer.get("fast_dev_run") else {}
+    res = trainer.validate(module, datamodule=dm, verbose=False) if not cfg.trainer.get("fast_dev_run") else []
+    val = {k: float(v) for k, v in res[0].items()} if res else {}  # [] when there is no validation item
     bench = run_benchmark(module, dm.sources, dm.prompts)
     (run_dir / "benchmark.json").write_text(json.dumps(
         {"version": BENCHMARK_VERSION, "checkpoint": best, "benchmark": bench}, indent=1, default=float))
