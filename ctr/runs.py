@@ -127,14 +127,14 @@ def compose_config(conf_dir: str | Path, overrides: list[str], **paths: str) -> 
     return cfg
 
 
-def mean_std(vals) -> str:
-    """``"m ± s"`` over the non-missing values (``"m"`` for one, ``"-"`` for none)."""
+def mean_std(vals, digits: int = 4) -> str:
+    """``"m ± s"`` over the non-missing values (``"m"`` for one, ``"-"`` for none), ``digits`` decimals."""
     import statistics
 
     vals = [v for v in vals if v is not None]
     if not vals:
         return "-"
-    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+    return f"{statistics.mean(vals):.{digits}f}" + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
 
 
 def section(prefix: str, logged: dict) -> dict:

@@ -244,6 +244,28 @@ class ClickLog:
 # Task batches
 
 
+class CategoryPool:
+    """``rows`` grouped by their ``category`` (sorted, with offsets), so that same-category items
+    are drawn by index arithmetic."""
+
+    def __init__(self, rows: np.ndarray, category: np.ndarray):
+        self.rows = rows
+        cat = category[rows]
+        self.pool = rows[np.argsort(cat, kind="stable")]
+        counts = np.bincount(cat, minlength=int(category.max()) + 1)
+        self.start, self.count = np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+
+    def draw(self, u: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """One row of category ``categories[i]`` per uniform ``u[i, j]`` in [0, 1): ``[n, k] -> [n, k]``
+        (a category without rows draws from all rows)."""
+        start, count = self.start[categories], self.count[categories]
+        pick = self.pool[np.minimum(start[:, None] + (u * count[:, None]).astype(np.int64), len(self.pool) - 1)]
+        empty = count == 0
+        if empty.any():
+            pick[empty] = self.rows[(u[empty] * len(self.rows)).astype(np.int64)]
+        return pick
+
+
 class TaskBatches(torch.utils.data.Dataset):
     """Element ``step`` of an epoch is one batch for every task with a positive weight.
 
@@ -294,14 +316,7 @@ class TaskBatches(torch.utils.data.Dataset):
         self.product_pairs = product_pairs or batch_size
         self.keys = torch.from_numpy(items.keys)
         self.images = torch.from_numpy(np.asarray(items.images))  # memory-mapped: no copy
-        # category pool over the training items: rows sorted by category, with offsets
-        cat = items.category[self.train_rows]
-        order = np.argsort(cat, kind="stable")
-        self.pool = self.train_rows[order]
-        n_cat = int(items.category.max()) + 1
-        counts = np.bincount(cat, minlength=n_cat)
-        self.pool_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.pool_count = counts
+        self.category_pool = CategoryPool(self.train_rows, items.category)
         sizes = [len(self.train_rows)] + ([len(clicks.pairs["train"])] if "click" in self.tasks else [])
         self.steps = steps or max(1, math.ceil(max(sizes) / batch_size))
         if "same_product" in self.tasks and not steps:
@@ -317,15 +332,7 @@ class TaskBatches(torch.utils.data.Dataset):
     def _category_pool(self, rng: np.random.Generator, rows: np.ndarray, k: int) -> np.ndarray:
         """``k`` random training items of each row's category: [len(rows), k] (with replacement;
         a category without training items draws from all training items)."""
-        cat = self.items.category[rows]
-        start, count = self.pool_start[cat], self.pool_count[cat]
-        u = rng.random((len(rows), k))
-        empty = count == 0
-        pick = self.pool[np.minimum(start[:, None] + (u * count[:, None]).astype(np.int64),
-                                    len(self.pool) - 1)]
-        if empty.any():
-            pick[empty] = self.train_rows[(u[empty] * len(self.train_rows)).astype(np.int64)]
-        return pick
+        return self.category_pool.draw(rng.random((len(rows), k)), self.items.category[rows])
 
     def __getitem__(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, int(step)])

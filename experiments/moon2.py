@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ctr.runs import split_overrides  # noqa: E402
+from ctr.runs import mean_std, split_overrides  # noqa: E402
 
 BENCH = ["dual_encoder", "moon2_full"]
 ABLATION = ["moon2_full", "moon2_no_moe", "moon2_no_dual", "moon2_no_coaug", "moon2_no_filter"]
@@ -72,10 +72,9 @@ def collect(runs: Path) -> dict[str, list[dict]]:
 
 
 def _stat(vals: list[float]) -> str:
-    v = np.array([x for x in vals if x is not None and not np.isnan(x)], float) * 100
-    if len(v) == 0:
-        return ""
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+    """Percent, ``"m ± s"`` over the finite values ("" for none)."""
+    out = mean_std([100 * x for x in vals if x is not None and not np.isnan(x)], digits=1)
+    return "" if out == "-" else out
 
 
 def benchmark_table(res: dict[str, list[dict]], presets: list[str]) -> str:

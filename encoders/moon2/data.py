@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from encoders.data import CategoryPool
 from encoders.moon2.features import Products, TokenSet
 
 __all__ = ["AugViews", "TripleBatches", "TokenChunks"]
@@ -92,11 +93,7 @@ class TripleBatches(torch.utils.data.Dataset):
         self.group_count[items.group[rows[start]]] = count
         self.pos_in_group = np.zeros(len(items), np.int64)  # a training row's position in its product
         self.pos_in_group[rows] = np.arange(len(rows)) - np.repeat(start, count)
-        cat = items.category[self.train_rows]
-        order = np.argsort(cat, kind="stable")
-        self.pool = self.train_rows[order]
-        counts = np.bincount(cat, minlength=int(items.category.max()) + 1)
-        self.pool_start, self.pool_count = np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+        self.category_pool = CategoryPool(self.train_rows, items.category)
         self.steps = steps or max(1, math.ceil(len(self.train_rows) / batch_size))
         self.epoch = 0
 
@@ -130,15 +127,13 @@ class TripleBatches(torch.utils.data.Dataset):
         """A training item of each query's category from another product (any other product's
         item when the category has none)."""
         g, cat = self.items.group, self.items.category[q]
-        start, count = self.pool_start[cat], self.pool_count[cat]
-        out = self.pool[np.minimum(start + (rng.random(len(q)) * count).astype(np.int64), len(self.pool) - 1)]
+        out = self.category_pool.draw(rng.random((len(q), 1)), cat)[:, 0]
         for _ in range(4):
             bad = g[out] == g[q]
             if not bad.any():
                 break
             k = int(bad.sum())
-            redraw = self.pool[np.minimum(start[bad] + (rng.random(k) * count[bad]).astype(np.int64),
-                                          len(self.pool) - 1)]
+            redraw = self.category_pool.draw(rng.random((k, 1)), cat[bad])[:, 0]
             anywhere = self.train_rows[(rng.random(k) * len(self.train_rows)).astype(np.int64)]
             out[bad] = np.where(rng.random(k) < 0.5, redraw, anywhere)
         bad = g[out] == g[q]

@@ -36,6 +36,7 @@ class Moon2DataModule(pl.LightningDataModule):
         self.enricher = enricher  # a TextEnricher (e.g. CallableEnricher over a local model); None: template
         self.sources: dict[str, tuple[Products, TokenSet]] = {}
         self.aug: AugViews | None = None
+        self.prompts: dict | None = None
 
     # ------------------------------------------------------------------ loading
     def _tokens(self, products: Products) -> TokenSet:
@@ -57,7 +58,7 @@ class Moon2DataModule(pl.LightningDataModule):
         return self.sources[name]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_source in self.sources and (self.aug is not None or not self.coaug["enabled"]):
+        if self.prompts is not None:  # set up already (prompts come last)
             return
         self.products, self.tokens = self.load(self.train_source, self.n_items)
         for name, n in self.bench.items():

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encoders.towers import masked_mean
+
 __all__ = ["MLPFeedForward", "MoEFeedForward", "Routing", "FusionLayer", "MultimodalEncoder",
            "ObjectiveWeights", "DualEncoder", "MODALITIES", "equilibrium_weights"]
 
@@ -205,14 +207,11 @@ class MultimodalEncoder(nn.Module):
             x, r = layer(x, mask)
             if r is not None:
                 routings.append(r)
-        m = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (self.norm(x) * m).sum(1) / m.sum(1)
-        z = self.out(pooled)
+        z = self.out(masked_mean(self.norm(x), mask))
         if self.image_skip is not None and image is not None:
             z = z + self.image_skip(image.float().mean(1))
         if self.text_skip is not None and text is not None:
-            tm = masks[-1].unsqueeze(-1).to(text.dtype if text.is_floating_point() else torch.float32)
-            z = z + self.text_skip((text.float() * tm).sum(1) / tm.sum(1).clamp_min(1e-9))
+            z = z + self.text_skip(masked_mean(text.float(), masks[-1]))
         return F.normalize(z, dim=-1), Routing.mean(routings)
 
 
@@ -234,10 +233,8 @@ class DualEncoder(nn.Module):
         if image is not None:
             out.append(F.normalize(self.image_head(image.float().mean(1)), dim=-1))
         if text is not None:
-            m = (torch.ones(text.shape[:2], device=text.device) if text_mask is None
-                 else text_mask.to(text.device).float()).unsqueeze(-1)
-            pooled = (text.float() * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            out.append(F.normalize(self.text_head(pooled), dim=-1))
+            m = torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.to(text.device)
+            out.append(F.normalize(self.text_head(masked_mean(text.float(), m)), dim=-1))
         if not out:
             raise ValueError("DualEncoder needs image tokens, text tokens or both")
         return F.normalize(sum(out), dim=-1), None
