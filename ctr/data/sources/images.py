@@ -149,6 +149,42 @@ def _pattern_mask(pattern_idx: int, size: int, rng: np.random.Generator) -> np.n
     raise ValueError(f"unknown pattern {name!r}")
 
 
+def _unit_to_px(scale: float, shift: np.ndarray, size: int):
+    def to_px(pts: np.ndarray) -> np.ndarray:
+        return ((pts - 0.5) * scale + 0.5 + shift) * (size - 1)
+    return to_px
+
+
+def _silhouette_mask(shape: str, to_px, poly: np.ndarray, size: int, scale: float) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of a silhouette (polygon plus its extra strokes)."""
+    pts = [tuple(p) for p in to_px(poly)]
+    mask_img = Image.new("L", (size, size), 0)
+    mdraw = ImageDraw.Draw(mask_img)
+    mdraw.polygon(pts, fill=255)
+    for kind, coords, width in _STROKES.get(shape, ()):
+        c = to_px(np.asarray(coords).reshape(2, 2)).ravel().tolist()
+        w = max(1, round(width * size * scale))
+        if kind == "arc":
+            mdraw.arc(c, start=180, end=360, fill=255, width=w)
+    return np.asarray(mask_img) > 127
+
+
+def _secondary(main: np.ndarray) -> np.ndarray:
+    """The pattern's contrasting colour for a main colour."""
+    lum = 0.299 * main[0] + 0.587 * main[1] + 0.114 * main[2]
+    return main + (250.0 - main) * 0.75 if lum < 150 else main * 0.35
+
+
+def _outline(img: Image.Image, shape: str, to_px, poly: np.ndarray, main: np.ndarray, size: int) -> None:
+    """Outline and detail strokes of a painted silhouette, in a darker main colour."""
+    draw = ImageDraw.Draw(img)
+    outline = tuple(int(v) for v in main * 0.5)
+    draw.polygon([tuple(p) for p in to_px(poly)], outline=outline)
+    for line in _DETAILS.get(shape, ()):
+        c = to_px(np.asarray(line).reshape(2, 2)).ravel().tolist()
+        draw.line(c, fill=outline, width=max(1, size // 40))
+
+
 def render_item(
     category_idx: int,
     colour_idx: int,
@@ -168,26 +204,12 @@ def render_item(
     shift = rng.uniform(-0.06, 0.06, size=2)
     poly = np.asarray(_SHAPES[shape], dtype=np.float64)
     poly = poly + rng.uniform(-0.012, 0.012, size=poly.shape)
-
-    def to_px(pts: np.ndarray) -> np.ndarray:
-        return ((pts - 0.5) * scale + 0.5 + shift) * (size - 1)
-
-    pts = [tuple(p) for p in to_px(poly)]
-
-    mask_img = Image.new("L", (size, size), 0)
-    mdraw = ImageDraw.Draw(mask_img)
-    mdraw.polygon(pts, fill=255)
-    for kind, coords, width in _STROKES.get(shape, ()):
-        c = to_px(np.asarray(coords).reshape(2, 2)).ravel().tolist()
-        w = max(1, round(width * size * scale))
-        if kind == "arc":
-            mdraw.arc(c, start=180, end=360, fill=255, width=w)
-    mask = np.asarray(mask_img) > 127
+    to_px = _unit_to_px(scale, shift, size)
+    mask = _silhouette_mask(shape, to_px, poly, size, scale)
 
     # Colours: item colour with a small jitter; a contrasting secondary colour for the pattern.
     main = np.clip(shaded_rgb(colour_idx, shade_idx) + rng.uniform(-8, 8, size=3), 0, 255)
-    lum = 0.299 * main[0] + 0.587 * main[1] + 0.114 * main[2]
-    second = main + (250.0 - main) * 0.75 if lum < 150 else main * 0.35
+    second = _secondary(main)
     bg = np.clip(243.0 + rng.uniform(-9, 9, size=3), 0, 255)
 
     arr = np.empty((size, size, 3), dtype=np.uint8)
@@ -198,13 +220,31 @@ def render_item(
         arr[mask & pat] = second.astype(np.uint8)
 
     img = Image.fromarray(arr, mode="RGB")
-    draw = ImageDraw.Draw(img)
-    outline = tuple(int(v) for v in main * 0.5)
-    draw.polygon(pts, outline=outline)
-    for line in _DETAILS.get(shape, ()):
-        c = to_px(np.asarray(line).reshape(2, 2)).ravel().tolist()
-        draw.line(c, fill=outline, width=max(1, size // 40))
+    _outline(img, shape, to_px, poly, main, size)
     return img
+
+
+def paint_silhouette(arr: np.ndarray, category_idx: int, rgb: np.ndarray, pattern_idx: int,
+                     scale: float, shift: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Paint one patterned, outlined silhouette onto ``arr`` (``uint8 [size, size, 3]``, changed in
+    place and returned) at ``scale`` about the centre, shifted by ``shift`` (unit coordinates).
+    ``rng`` gives the vertex wobble and the pattern phase. Used for ad creatives, where the caller
+    chooses the framing and the background."""
+    size = arr.shape[0]
+    shape = CATEGORIES[category_idx]
+    poly = np.asarray(_SHAPES[shape], dtype=np.float64)
+    poly = poly + rng.uniform(-0.012, 0.012, size=poly.shape)
+    to_px = _unit_to_px(scale, np.asarray(shift, dtype=np.float64), size)
+    mask = _silhouette_mask(shape, to_px, poly, size, scale)
+    main = np.clip(np.asarray(rgb, dtype=np.float64), 0, 255)
+    arr[mask] = main.astype(np.uint8)
+    pat = _pattern_mask(pattern_idx, size, rng)
+    if pat is not None:
+        arr[mask & pat] = _secondary(main).astype(np.uint8)
+    img = Image.fromarray(arr, mode="RGB")
+    _outline(img, shape, to_px, poly, main, size)
+    arr[...] = np.asarray(img)
+    return arr
 
 
 def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:

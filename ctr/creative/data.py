@@ -1,0 +1,291 @@
+"""Data for creative selection: the pair tables, prompts and targets, and the creatives' images.
+
+:func:`load_tables` returns the world's tables (``creatives``, ``contexts``, ``products``, ``log``)
+and the labelled ``pairs``, either read from a folder written by ``python -m ctr.creative.pairs``
+(or by hand, see :data:`REQUIRED`) or simulated and cached under ``<cache_dir>/creative/<key>/``.
+:class:`CreativeDataModule` turns the pairs into batches of ``{"a", "b"}`` (creative rows), the
+prompt, the target completion and the label, and holds the creatives' decoded images and, for the
+small selector, the frozen image tower's token features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytorch_lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ctr.creative.pairs import PairConfig, build_pairs
+from ctr.creative.prompts import answer_only, prompt_text, rationale, swap_text
+from ctr.creative.world import ASPECTS, CreativeSimConfig, simulate_creatives
+from ctr.data.contract import ContractError, bad_rows
+
+DATA_VERSION = 1
+#: table -> columns every creative data folder needs
+REQUIRED = {
+    "creatives": ["creative_id", "product_id", "image"],
+    "contexts": ["context_id", "product_id", "query"],
+    "products": ["product_id", "title"],
+    "pairs": ["pair_id", "product_id", "context_id", "creative_a", "creative_b", "label", "gap", "split"],
+}
+#: columns the chain-of-thought rationales need (the simulator writes them)
+RATIONALE_COLUMNS = {
+    "creatives": ["framing", "background", "brightness", "clutter", "text", "shown_colour"],
+    "contexts": ["intent", "query_colour"],
+    "products": ["colour", "alt_colour"],
+    "log": ["context_id", "creative_id", *(f"u_{a}" for a in ASPECTS)],
+}
+
+
+@dataclass
+class CreativeTables:
+    creatives: pl.DataFrame
+    contexts: pl.DataFrame
+    products: pl.DataFrame
+    pairs: pl.DataFrame
+    log: pl.DataFrame | None = None
+    source: str = "simulated"
+
+
+def _check(df: pl.DataFrame, name: str, cols: list[str], source: str) -> None:
+    for c in cols:
+        if c not in df.columns:
+            raise ContractError(f"{source}/{name}.parquet", c, f"missing column (has {df.columns})")
+        if df[c].null_count():
+            raise ContractError(f"{source}/{name}.parquet", c, "null value", bad_rows(df, pl.col(c).is_null()))
+    if name == "pairs":
+        bad = ~pl.col("label").is_in(["A", "B"])
+        if df.select(bad.any()).item():
+            raise ContractError(f"{source}/pairs.parquet", "label", "labels must be 'A' or 'B'", bad_rows(df, bad))
+
+
+def sim_key(sim: dict, pairs: dict) -> str:
+    blob = json.dumps({"v": DATA_VERSION, "sim": sim, "pairs": pairs}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def load_tables(dir: str | None = None, sim: dict | None = None, pairs: dict | None = None,
+                cache_dir: str | None = None) -> CreativeTables:
+    """The tables of a data folder (``dir``), or of the simulator with ``sim`` (fields of
+    :class:`CreativeSimConfig`) and ``pairs`` (fields of :class:`PairConfig`), cached."""
+    if dir is not None:
+        root = Path(dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"creative data folder {root} does not exist "
+                                    "(write one with `python -m ctr.creative.pairs --out DIR`)")
+        tabs = {}
+        for name in ("creatives", "contexts", "products", "pairs", "log"):
+            f = root / f"{name}.parquet"
+            if not f.exists():
+                if name == "log":
+                    continue
+                raise FileNotFoundError(f"{f} is missing (a creative data folder needs {sorted(REQUIRED)})")
+            tabs[name] = pl.read_parquet(f)
+        for name, cols in REQUIRED.items():
+            _check(tabs[name], name, cols, str(root))
+        return CreativeTables(**tabs, source=str(root))
+    sim, pairs = dict(sim or {}), dict(pairs or {})
+    root = Path(cache_dir or ".cache/prepared") / "creative" / sim_key(sim, pairs)
+    if not (root / "pairs.parquet").exists():
+        world = simulate_creatives(CreativeSimConfig(**sim))
+        tmp = root.with_name(root.name + ".tmp")
+        world.save(tmp)
+        pc = PairConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pairs.items()})
+        build_pairs(world.log, pc, source="simulated log").write_parquet(tmp / "pairs.parquet")
+        (tmp / "config.json").write_text(json.dumps({"sim": sim, "pairs": pairs}, indent=1, default=str))
+        if root.exists():  # a concurrent job finished first
+            import shutil
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(root)
+    return load_tables(str(root))
+
+
+def pair_texts(t: CreativeTables, pairs: pl.DataFrame, cot: bool) -> pl.DataFrame:
+    """``pairs`` with ``prompt``, ``target`` (CoT rationale or answer only) and ``row_a``/``row_b``
+    (the creatives' row numbers in ``t.creatives``)."""
+    row_of = dict(zip(t.creatives["creative_id"].to_list(), range(t.creatives.height)))
+    pcols = ["product_id", "title", *[c for c in ("colour", "alt_colour") if c in t.products.columns]]
+    ctx = t.contexts.join(t.products.select(pcols), on="product_id", how="left")
+    df = pairs.join(ctx.select("context_id", "query", "title", *[c for c in ("intent", "query_colour", "colour",
+                                                                        "alt_colour") if c in ctx.columns]),
+                    on="context_id", how="left", maintain_order="left")
+    missing = df["query"].is_null()
+    if missing.any():
+        raise ContractError(f"{t.source}/pairs.parquet", "context_id", "no such context in contexts.parquet",
+                            bad_rows(df, pl.col("query").is_null()))
+    for side in ("a", "b"):
+        ids = df[f"creative_{side}"].to_list()
+        unknown = [i for i, c in enumerate(ids) if c not in row_of]
+        if unknown:
+            raise ContractError(f"{t.source}/pairs.parquet", f"creative_{side}",
+                                "no such creative in creatives.parquet", unknown)
+        df = df.with_columns(pl.Series(f"row_{side}", [row_of[c] for c in ids], dtype=pl.Int64))
+    prompts = [prompt_text(q, ti) for q, ti in zip(df["query"].to_list(), df["title"].to_list())]
+    if not cot:
+        targets = [answer_only(y) for y in df["label"].to_list()]
+    else:
+        targets = _rationales(t, df)
+    return df.with_columns(pl.Series("prompt", prompts), pl.Series("target", targets))
+
+
+def _rationales(t: CreativeTables, df: pl.DataFrame) -> list[str]:
+    for name, cols in RATIONALE_COLUMNS.items():
+        tab = getattr(t, name)
+        have = [] if tab is None else tab.columns
+        lack = [c for c in cols if c not in have]
+        if lack:
+            raise ContractError(f"{t.source}/{name}.parquet", lack[0],
+                                "chain-of-thought targets need the creatives' attributes and the per-aspect "
+                                f"utilities (missing {lack}); train with answer-only targets (sft.target=answer)")
+    attrs = t.creatives.select(RATIONALE_COLUMNS["creatives"]).to_dicts()
+    u = {(c, k): r for c, k, *r in t.log.select(RATIONALE_COLUMNS["log"]).iter_rows()}
+    out = []
+    for row in df.select("context_id", "row_a", "row_b", "creative_a", "creative_b", "intent", "query_colour",
+                         "colour", "alt_colour", "label").iter_rows(named=True):
+        ua = u.get((row["context_id"], row["creative_a"]))
+        ub = u.get((row["context_id"], row["creative_b"]))
+        if ua is None or ub is None:
+            raise ContractError(f"{t.source}/log.parquet", "creative_id",
+                                f"no utilities for context {row['context_id']} and creative "
+                                f"{row['creative_a'] if ua is None else row['creative_b']}")
+        qc = {"main": row["colour"], "alt": row["alt_colour"]}.get(row["query_colour"])
+        out.append(rationale(attrs[row["row_a"]], attrs[row["row_b"]], dict(zip(ASPECTS, ua)),
+                             dict(zip(ASPECTS, ub)), row["intent"], qc, row["label"]))
+    return out
+
+
+class PairDataset(Dataset):
+    """Pairs of one split as dict items; ``swapped`` shows every pair in the other order (label and
+    target swapped too), for order-swap consistency."""
+
+    def __init__(self, df: pl.DataFrame, swapped: bool = False):
+        self.a = torch.tensor(df["row_a"].to_numpy())
+        self.b = torch.tensor(df["row_b"].to_numpy())
+        self.label = torch.as_tensor((df["label"] == "B").to_numpy().astype(np.int64))
+        self.gap = torch.as_tensor(df["gap"].to_numpy().astype(np.float32))
+        self.pair = torch.as_tensor(df["pair_id"].to_numpy().astype(np.int64))
+        self.prompt = df["prompt"].to_list()
+        self.target = df["target"].to_list()
+        if swapped:
+            self.a, self.b, self.label = self.b, self.a, 1 - self.label
+            self.target = [swap_text(x) for x in self.target]
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def extend(self, other: "PairDataset") -> "PairDataset":
+        """This dataset followed by ``other`` (e.g. the same pairs swapped)."""
+        out = object.__new__(PairDataset)
+        for k in ("a", "b", "label", "gap", "pair"):
+            setattr(out, k, torch.cat([getattr(self, k), getattr(other, k)]))
+        out.prompt, out.target = self.prompt + other.prompt, self.target + other.target
+        return out
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict:
+        ix = torch.as_tensor(idx)
+        return {"a": self.a[ix], "b": self.b[ix], "label": self.label[ix], "gap": self.gap[ix],
+                "pair": self.pair[ix], "prompt": [self.prompt[i] for i in idx],
+                "target": [self.target[i] for i in idx]}
+
+
+@dataclass
+class CreativeImages:
+    """The creatives' decoded ``pixels`` (``uint8 [N, 3, S, S]``) and, when computed, the frozen
+    image tower's ``tokens`` (``float16 [N, T, C]``), row-aligned with ``CreativeTables.creatives``."""
+
+    pixels: np.ndarray
+    tokens: np.ndarray | None = None
+
+
+class CreativeDataModule(L.LightningDataModule):
+    """Batches of creative pairs for the selectors (train / val / test splits by product).
+
+    ``cot``: targets are rationales (else answer only). ``tokens``: compute the image tower's token
+    features (the small selector's input). ``both_orders``: train on every pair in both orders."""
+
+    def __init__(self, dir: str | None = None, sim: dict | None = None, pairs: dict | None = None,
+                 image_size: int = 128, batch_size: int = 64, eval_batch_size: int = 256,
+                 cot: bool = True, tokens: bool = True, both_orders: bool = False,
+                 image_tower: torch.nn.Module | None = None, cache_dir: str | None = None,
+                 limit_pairs: int | None = None):
+        super().__init__()
+        self.dir, self.sim, self.pairs_cfg = dir, dict(sim or {}), dict(pairs or {})
+        self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
+        self.cot, self.want_tokens, self.both_orders = cot, tokens, both_orders
+        self.image_tower, self.cache_dir, self.limit_pairs = image_tower, cache_dir, limit_pairs
+        self.tables: CreativeTables | None = None
+        self.splits: dict[str, pl.DataFrame] = {}
+        self.images: CreativeImages | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tables is not None:
+            return
+        from encoders.images import build_image_cache
+
+        t = load_tables(self.dir, self.sim, self.pairs_cfg, self.cache_dir)
+        df = pair_texts(t, t.pairs, self.cot)
+        for s in ("train", "val", "test"):
+            part = df.filter(pl.col("split") == s)
+            self.splits[s] = part.head(self.limit_pairs) if self.limit_pairs else part
+        if self.splits["train"].height == 0:
+            raise ValueError(f"{t.source}: no training pairs (check the pair thresholds)")
+        src = f"{t.source}/creatives.parquet"
+        pixels = build_image_cache(t.creatives["image"].to_list(), self.image_size,
+                                   None if self.cache_dir is None else Path(self.cache_dir) / "images",
+                                   source=src)
+        tokens = None
+        if self.want_tokens:
+            from encoders.images import images_fingerprint
+            from encoders.moon2.features import image_token_cache
+            from encoders.towers import ImageTower
+
+            tower = self.image_tower or ImageTower("efficientnet_lite0", pretrained=True,
+                                                   img_size=self.image_size, freeze=True)
+            key = images_fingerprint(t.creatives["image"].to_list(), self.image_size, source=src)
+            tokens = image_token_cache(tower, pixels, key, self.cache_dir, self.image_size)
+        self.images = CreativeImages(pixels, tokens)
+        self.tables = t
+
+    def dataset(self, split: str, swapped: bool = False) -> PairDataset:
+        return PairDataset(self.splits[split], swapped)
+
+    def _loader(self, ds: Dataset, batch: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, collate_fn=ds.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        if self.both_orders:
+            ds = ds.extend(self.dataset("train", swapped=True))
+        return self._loader(ds, self.batch_size, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size, False)
+
+    def cells(self, split: str) -> pl.DataFrame:
+        """The log's (context, creative) cells of one split's products with impressions and clicks,
+        plus the creative's row and the context's prompt: the pointwise baseline's training data."""
+        t = self.tables
+        if t.log is None:
+            raise ValueError(f"{t.source}: the pointwise baseline needs log.parquet (impressions, clicks)")
+        prods = self.splits[split].select("product_id").unique()
+        row_of = pl.DataFrame({"creative_id": t.creatives["creative_id"],
+                               "row": np.arange(t.creatives.height, dtype=np.int64)})
+        ctx = t.contexts.join(t.products.select("product_id", "title"), on="product_id", how="left")
+        cells = (t.log.join(prods, on="product_id").join(row_of, on="creative_id")
+                 .join(ctx.select("context_id", "query", "title"), on="context_id", how="left"))
+        return cells.with_columns(pl.Series("prompt", [prompt_text(q, ti) for q, ti in
+                                                       zip(cells["query"].to_list(), cells["title"].to_list())]))
+

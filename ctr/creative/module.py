@@ -1,0 +1,209 @@
+"""Lightning trainers of the creative selectors: supervised fine-tuning and GRPO.
+
+Both work on any :class:`ctr.creative.selector.Policy` (the small decoder or a transformers VLM),
+and both validate by greedy decoding on the validation pairs (``val/acc``: the answer is the
+logged winner; ``val/format``: the output is well formed).
+
+* :class:`SFTModule`: token-level cross-entropy on the target completions (CoT rationales, or the
+  answer alone for the "SFT without reasoning" baseline).
+* :class:`GRPOModule`: group relative policy optimisation. For every prompt, ``group_size``
+  completions are sampled at ``temperature`` from the current policy; each gets the reward of
+  :func:`ctr.creative.prompts.rewards` (well formed, correct answer); advantages are the rewards
+  normalised within their group, ``(r - mean) / (std + eps)``. The loss per completion token is
+  the clipped policy-ratio objective ``-min(rho A, clip(rho, 1-eps, 1+eps) A)`` plus ``kl_beta``
+  times the k3 estimate of KL(policy || reference), ``exp(ref - logp) - (ref - logp) - 1``, against
+  a frozen copy of the starting (SFT) policy; averaged over each completion's tokens, then over
+  completions (``loss_agg=seq_mean``, as in the GRPO paper) or over all tokens (``token_mean``).
+  ``updates_per_batch`` optimiser steps reuse each sampled batch (the ratio's "old" policy is the
+  sampling one). Dropout is off while sampling and updating.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytorch_lightning as L
+import torch
+from torch import Tensor
+
+from ctr.creative.prompts import parse, rewards
+from ctr.creative.selector import Policy
+
+
+def frozen_copy(policy: Policy) -> Policy:
+    """A frozen deep copy of ``policy`` (the reference for GRPO's KL), sharing its bound images."""
+    bound = policy.__dict__.get("_images")
+    policy.__dict__["_images"] = None
+    try:
+        ref = copy.deepcopy(policy)
+    finally:
+        policy.__dict__["_images"] = bound
+    ref.__dict__["_images"] = bound
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """``(r - mean) / (std + eps)`` within consecutive groups of ``group_size`` rewards (std with
+    Bessel's correction); a group whose rewards are all equal gets advantages 0."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def grpo_objective(logp: Tensor, old: Tensor, ref: Tensor, adv: Tensor, mask: Tensor, clip_eps: float,
+                   kl_beta: float, agg: str = "seq_mean") -> tuple[Tensor, Tensor, Tensor]:
+    """The GRPO loss of completions' token log-probs ``logp`` ``[N, T]`` (``old``: at sampling,
+    ``ref``: the reference policy's), advantages ``adv`` ``[N]``, token ``mask`` ``[N, T]``.
+    Returns ``(loss, per-token KL estimate, per-token ratio)``."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    d = ref - logp
+    kl = torch.exp(d) - d - 1
+    per_tok = (pg + kl_beta * kl) * mask
+    if agg == "seq_mean":
+        loss = (per_tok.sum(1) / mask.sum(1).clamp_min(1)).mean()
+    elif agg == "token_mean":
+        loss = per_tok.sum() / mask.sum().clamp_min(1)
+    else:
+        raise ValueError(f"loss_agg must be seq_mean or token_mean, got {agg!r}")
+    return loss, kl, ratio
+
+
+def _cosine_warmup(opt, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * p))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+class SelectorModule(L.LightningModule):
+    """Shared parts: the policy, AdamW with warm-up and cosine decay, greedy validation."""
+
+    def __init__(self, policy: Policy, lr: float = 1e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 50, max_new_tokens: int = 96):
+        super().__init__()
+        self.policy = policy
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.max_new_tokens = max_new_tokens
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for n, p in self.policy.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "emb" in n or n.endswith(("tok.weight", "pos.weight", "seg.weight"))
+                 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches) * self._updates_per_step())
+        sched = _cosine_warmup(opt, self.warmup_steps, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _updates_per_step(self) -> int:
+        return 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        vocab = getattr(self.policy, "vocab", None)
+        if vocab is not None:  # the small selector's words, checked when GRPO starts from this
+            checkpoint["vocab"] = list(vocab.itos)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = self.policy.prompts(batch)
+        ids, mask = self.policy.generate(prompts, self.max_new_tokens, greedy=True)
+        parsed = [parse(t) for t in self.policy.decode(ids, mask)]
+        labels = ["B" if y else "A" for y in batch["label"].tolist()]
+        n = len(labels)
+        self.log("val/acc", float(np.mean([p.answer == y for p, y in zip(parsed, labels)])),
+                 batch_size=n, prog_bar=True)
+        self.log("val/format", float(np.mean([p.well_formed for p in parsed])), batch_size=n)
+
+
+class SFTModule(SelectorModule):
+    """Supervised fine-tuning on the batch's ``target`` completions (mean token cross-entropy)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        prompts = self.policy.prompts(batch)
+        ids, mask = self.policy.encode(batch["target"])
+        lp = self.policy.token_logprobs(prompts, ids, mask)
+        loss = -lp.sum() / mask.sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
+        return loss
+
+
+class GRPOModule(SelectorModule):
+    """GRPO on the policy (see the module docstring); the reference policy is a frozen copy of the
+    policy as it is when the module is built."""
+
+    def __init__(self, policy: Policy, group_size: int = 8, temperature: float = 1.0,
+                 max_new_tokens: int = 96, clip_eps: float = 0.2, kl_beta: float = 0.04,
+                 updates_per_batch: int = 1, reward_format: float = 0.2, reward_accuracy: float = 1.0,
+                 loss_agg: str = "seq_mean", lr: float = 1e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 10, max_grad_norm: float = 1.0, adv_eps: float = 1e-4):
+        super().__init__(policy, lr, weight_decay, warmup_steps, max_new_tokens)
+        if group_size < 2:
+            raise ValueError("GRPO needs group_size >= 2 (advantages are normalised within a group)")
+        if loss_agg not in ("seq_mean", "token_mean"):
+            raise ValueError(f"loss_agg must be seq_mean or token_mean, got {loss_agg!r}")
+        self.automatic_optimization = False
+        self.group_size, self.temperature, self.clip_eps, self.kl_beta = group_size, temperature, clip_eps, kl_beta
+        self.updates_per_batch, self.loss_agg = updates_per_batch, loss_agg
+        self.reward_format, self.reward_accuracy = reward_format, reward_accuracy
+        self.max_grad_norm, self.adv_eps = max_grad_norm, adv_eps
+        self.__dict__["ref"] = frozen_copy(policy)  # not a submodule: not trained, not saved
+
+    def _updates_per_step(self) -> int:
+        return self.updates_per_batch
+
+    def on_fit_start(self) -> None:
+        self.ref.to(self.device)
+
+    def sample(self, batch: dict) -> dict:
+        """One group of completions per prompt with rewards and advantages (no gradient)."""
+        g = self.group_size
+        self.policy.eval()
+        prompts = self.policy.repeat(self.policy.prompts(batch), g)
+        ids, mask = self.policy.generate(prompts, self.max_new_tokens, temperature=self.temperature)
+        texts = self.policy.decode(ids, mask)
+        labels = [("B" if y else "A") for y in batch["label"].tolist() for _ in range(g)]
+        r, fmt, acc = rewards(texts, labels, self.reward_format, self.reward_accuracy)
+        r = torch.as_tensor(r, dtype=torch.float32, device=ids.device)
+        adv = group_advantages(r, g, self.adv_eps)
+        std = r.view(-1, g).std(1)
+        with torch.no_grad():
+            old = self.policy.token_logprobs(prompts, ids, mask)
+            ref = self.ref.token_logprobs(prompts, ids, mask)
+        return {"prompts": prompts, "ids": ids, "mask": mask, "adv": adv, "old": old, "ref": ref,
+                "reward": r.mean(), "format": float(fmt.mean()), "accuracy": float(acc.mean()),
+                "flat_groups": float((std < 1e-6).float().mean()),
+                "length": float(mask.sum(1).float().mean())}
+
+    def grpo_loss(self, s: dict) -> tuple[Tensor, dict]:
+        mask = s["mask"].float()
+        lp = self.policy.token_logprobs(s["prompts"], s["ids"], s["mask"])
+        loss, kl, ratio = grpo_objective(lp, s["old"], s["ref"], s["adv"], mask, self.clip_eps, self.kl_beta,
+                                         self.loss_agg)
+        n = mask.sum().clamp_min(1)
+        clipped = ((ratio - 1).abs() > self.clip_eps).float()
+        return loss, {"kl": float((kl.detach() * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        s = self.sample(batch)
+        for _ in range(self.updates_per_batch):
+            loss, info = self.grpo_loss(s)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            opt.step()
+            sched.step()
+        n = len(batch["label"])
+        self.log_dict({"train/loss": loss.detach(), "train/reward": s["reward"], "train/accuracy": s["accuracy"],
+                       "train/format": s["format"], "train/kl": info["kl"], "train/clip_frac": info["clip_frac"],
+                       "train/flat_groups": s["flat_groups"], "train/length": s["length"]},
+                      prog_bar=False, batch_size=n, on_step=True, on_epoch=True)
