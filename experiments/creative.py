@@ -73,6 +73,9 @@ def train_runs(seeds: list[int], runs: Path, jobs: int, overrides: list[str]) ->
                 if not done("creative_sft_cot", s):
                     continue  # wait for the seed's SFT
                 ckpt = json.loads((runs / "creative_sft_cot" / f"seed{s}" / "metrics.json").read_text())["checkpoint"]
+                if not ckpt:
+                    raise SystemExit(f"the CoT-SFT run of seed {s} saved no checkpoint (fast_dev_run?): "
+                                     "GRPO needs one")
                 extra.append(f"init_ckpt={ckpt}")
             # the first run of a seed builds its world and image tokens: let it finish first
             if not any(done(q, s) for q, _ in METHODS) and any(k[1] == s for k in running):

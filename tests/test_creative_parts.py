@@ -83,6 +83,13 @@ def test_pairs_keep_exactly_the_gap_and_impression_thresholds():
     assert 3 in set(low["creative_a"].to_list()) | set(low["creative_b"].to_list())
 
 
+def test_creatives_without_clicks_are_a_tie_not_a_pair():
+    log = _log([(0, 0, 0, 2000, 0), (0, 0, 1, 2000, 0), (1, 1, 2, 2000, 0), (1, 1, 3, 2000, 10)])
+    p = build_pairs(log, PairConfig(split=(1, 0, 0)))
+    assert p.height == 1 and p["gap"][0] == float("inf")
+    assert (p["creative_b"][0] if p["label"][0] == "B" else p["creative_a"][0]) == 3
+
+
 def test_pairs_randomise_the_order_split_by_product_and_accept_event_logs(world):
     p = build_pairs(world.log, PairConfig(seed=1))
     assert 0.35 < float((p["label"] == "A").mean()) < 0.65

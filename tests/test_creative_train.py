@@ -7,7 +7,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from omegaconf import open_dict
 
 from ctr.runs import compose_config
 
@@ -15,24 +14,15 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "creative"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+SMALL = ["data.sim.n_products=40", "data.image_size=64", "data.sim.image_size=64", "data.batch_size=8",
+         "data.eval_batch_size=64", "policy.d_model=32", "policy.n_layers=1", "policy.n_heads=2",
+         "grpo.group_size=2", "grpo.prompts_per_step=4", "pointwise.batch_size=32"]
+
+
 def compose_run(overrides, run_dir: Path, cache_dir: Path):
-    cfg = compose_config(CONF, [*overrides, "logger=csv", "trainer.enable_progress_bar=false"],
-                         run_dir=run_dir, cache_dir=cache_dir)
-    with open_dict(cfg):
-        cfg.data.sim.n_products = 40
-        cfg.data.image_size = 64
-        cfg.data.sim.image_size = 64
-        cfg.data.batch_size = 8
-        cfg.data.eval_batch_size = 64
-        cfg.policy.d_model = 32
-        cfg.policy.n_layers = 1
-        cfg.policy.n_heads = 2
-        cfg.grpo.group_size = 2
-        cfg.grpo.prompts_per_step = 4
-        cfg.grpo.max_new_tokens = 12
-        cfg.eval.max_new_tokens = 12
-        cfg.pointwise.batch_size = 32
-    return cfg
+    """A small world and small models; ``overrides`` come last and win."""
+    return compose_config(CONF, [*SMALL, "logger=csv", "trainer.enable_progress_bar=false", *overrides],
+                          run_dir=run_dir, cache_dir=cache_dir)
 
 
 def test_every_preset_is_listed():
@@ -97,6 +87,33 @@ def test_a_data_folder_from_the_pairs_command_trains_and_bad_folders_are_named(t
     pairs.drop("gap").write_parquet(out / "pairs.parquet")
     with pytest.raises(ContractError, match=r"column 'gap'.*missing column"):
         train(cfg)
+    pairs.with_columns(pl.when(pl.col("pair_id") == 2).then(pl.lit("Test")).otherwise(pl.col("split"))
+                       .alias("split")).write_parquet(out / "pairs.parquet")
+    with pytest.raises(ContractError, match=r"column 'split', row 2"):
+        train(cfg)
+    pairs.write_parquet(out / "pairs.parquet")
+
+
+def test_rationale_inputs_are_checked(tmp_path):
+    from ctr.creative.data import load_tables, pair_texts
+    from ctr.creative.pairs import main as pairs_main
+    from ctr.data.contract import ContractError
+
+    out = pairs_main(["--out", str(tmp_path / "data"), "--n-products", "12"])
+    t = load_tables(str(out))
+    assert pair_texts(t, t.pairs, cot=True)["target"][0].startswith("<think> intent : ")
+    t.creatives = t.creatives.with_columns(pl.when(pl.col("creative_id") == 5).then(pl.lit("huge"))
+                                           .otherwise(pl.col("text")).alias("text"))
+    with pytest.raises(ContractError, match=r"creatives.parquet, column 'text', row 5.*unknown level"):
+        pair_texts(t, t.pairs, cot=True)
+    t = load_tables(str(out))
+    t.contexts = t.contexts.with_columns(pl.lit(None, pl.Utf8).alias("intent"))
+    with pytest.raises(ContractError, match=r"contexts.parquet, column 'intent', rows 0, 1.*null"):
+        pair_texts(t, t.pairs, cot=True)
+    creatives = pl.read_parquet(out / "creatives.parquet")
+    pl.concat([creatives, creatives.head(1)]).write_parquet(out / "creatives.parquet")
+    with pytest.raises(ContractError, match=r"column 'creative_id'.*duplicate id"):
+        load_tables(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +149,22 @@ def test_a_transformers_vlm_trains_through_the_same_trainers(experiment, tiny_vl
     from ctr.creative.train import train
 
     cfg = compose_run([f"experiment={experiment}", "trainer.fast_dev_run=1", "policy.kind=hf",
-                       f"policy.path={tiny_vlm}", "data.limit_pairs=6"], tmp_path / "run", cache_dir)
+                       f"policy.path={tiny_vlm}", "data.limit_pairs=6", "eval.max_new_tokens=160",
+                       "grpo.max_new_tokens=160"], tmp_path / "run", cache_dir)
     m = train(cfg)
     assert m["policy"] == "hf" and m["test"]["n_pairs"] == 6
     assert m["parameters"] > 0
+
+
+def test_a_generation_limit_shorter_than_the_targets_is_refused(tiny_vlm, tmp_path, cache_dir):
+    from ctr.creative.train import train
+
+    # a rationale is over 60 words, more subword tokens
+    cfg = compose_run(["experiment=creative_sft_cot", "trainer.fast_dev_run=1", "policy.kind=hf",
+                       f"policy.path={tiny_vlm}", "data.limit_pairs=6", "eval.max_new_tokens=40"],
+                      tmp_path / "run", cache_dir)
+    with pytest.raises(ValueError, match=r"eval.max_new_tokens=40 is shorter than the longest training target"):
+        train(cfg)
 
 
 def test_hf_policy_scores_its_own_samples(tiny_vlm, tmp_path, cache_dir):
@@ -154,5 +183,18 @@ def test_hf_policy_scores_its_own_samples(tiny_vlm, tmp_path, cache_dir):
     ids, mask = pol.generate(pr, max_new_tokens=6, temperature=1.0)
     lp = pol.token_logprobs(pr, ids, mask)
     assert lp.shape == ids.shape and torch.isfinite(lp).all() and (lp[~mask] == 0).all()
+    # left-padded prompts of different lengths: scoring sees the positions generation used
+    batch = dm.dataset("test").collate([0, 1])
+    batch["prompt"][0] = "a longer query with more words . " + batch["prompt"][0]
+    pr = pol.prompts(batch)
+    inp = pol._inputs(pr)
+    assert (inp["attention_mask"] == 0).any()  # some prompt is padded
+    out = pol.model.generate(**inp, generation_config=pol.generation_config(5, greedy=True),
+                             output_scores=True, return_dict_in_generate=True)
+    gen = out.sequences[:, inp["input_ids"].shape[1]:]
+    want = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, gen[:, t:t + 1]).squeeze(-1)
+                        for t, sc in enumerate(out.scores)], 1)
+    got = pol.token_logprobs(pr, gen, torch.ones_like(gen, dtype=torch.bool))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     ids, mask = pol.encode(["<think> a </think> <answer> A </answer>"])
     assert pol.decode(ids, mask)[0].replace(" ", "") == "<think>a</think><answer>a</answer>"

@@ -21,9 +21,9 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ctr.creative.pairs import PairConfig, build_pairs
+from ctr.creative.pairs import SPLITS, PairConfig, check_log, build_pairs
 from ctr.creative.prompts import answer_only, prompt_text, rationale, swap_text
-from ctr.creative.world import ASPECTS, CreativeSimConfig, simulate_creatives
+from ctr.creative.world import ASPECTS, CREATIVE_LEVELS, Attractiveness, CreativeSimConfig, simulate_creatives
 from ctr.data.contract import ContractError, bad_rows
 
 DATA_VERSION = 1
@@ -54,15 +54,26 @@ class CreativeTables:
 
 
 def _check(df: pl.DataFrame, name: str, cols: list[str], source: str) -> None:
+    src = f"{source}/{name}.parquet"
     for c in cols:
         if c not in df.columns:
-            raise ContractError(f"{source}/{name}.parquet", c, f"missing column (has {df.columns})")
+            raise ContractError(src, c, f"missing column (has {df.columns})")
         if df[c].null_count():
-            raise ContractError(f"{source}/{name}.parquet", c, "null value", bad_rows(df, pl.col(c).is_null()))
+            raise ContractError(src, c, "null value", bad_rows(df, pl.col(c).is_null()))
+    key = {"creatives": "creative_id", "contexts": "context_id", "products": "product_id", "pairs": "pair_id"}[name]
+    dup = pl.col(key).is_duplicated()
+    if df.select(dup.any()).item():
+        raise ContractError(src, key, "duplicate id", bad_rows(df, dup))
     if name == "pairs":
-        bad = ~pl.col("label").is_in(["A", "B"])
-        if df.select(bad.any()).item():
-            raise ContractError(f"{source}/pairs.parquet", "label", "labels must be 'A' or 'B'", bad_rows(df, bad))
+        for col, bad, what in [
+            ("label", ~pl.col("label").is_in(["A", "B"]), "labels must be 'A' or 'B'"),
+            ("split", ~pl.col("split").is_in(list(SPLITS)), f"splits must be one of {list(SPLITS)}"),
+            ("gap", pl.col("gap").is_nan() | (pl.col("gap") <= 0), "CTR gaps must be positive numbers"),
+            ("split", pl.col("split").n_unique().over("product_id") > 1,
+             "a product's pairs must all be in one split (held-out products)"),
+        ]:
+            if df.select(bad.any()).item():
+                raise ContractError(src, col, what, bad_rows(df, bad))
 
 
 def sim_key(sim: dict, pairs: dict) -> str:
@@ -93,7 +104,10 @@ def load_tables(dir: str | None = None, sim: dict | None = None, pairs: dict | N
     sim, pairs = dict(sim or {}), dict(pairs or {})
     root = Path(cache_dir or ".cache/prepared") / "creative" / sim_key(sim, pairs)
     if not (root / "pairs.parquet").exists():
-        world = simulate_creatives(CreativeSimConfig(**sim))
+        kw = dict(sim)
+        if isinstance(kw.get("attractiveness"), dict):
+            kw["attractiveness"] = Attractiveness(**kw["attractiveness"])
+        world = simulate_creatives(CreativeSimConfig(**kw))
         tmp = root.with_name(root.name + ".tmp")
         world.save(tmp)
         pc = PairConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pairs.items()})
@@ -144,6 +158,8 @@ def _rationales(t: CreativeTables, df: pl.DataFrame) -> list[str]:
             raise ContractError(f"{t.source}/{name}.parquet", lack[0],
                                 "chain-of-thought targets need the creatives' attributes and the per-aspect "
                                 f"utilities (missing {lack}); train with answer-only targets (sft.target=answer)")
+    for name, cols in RATIONALE_COLUMNS.items():
+        _check_values(getattr(t, name), name, cols, t.source)
     attrs = t.creatives.select(RATIONALE_COLUMNS["creatives"]).to_dicts()
     u = {(c, k): r for c, k, *r in t.log.select(RATIONALE_COLUMNS["log"]).iter_rows()}
     out = []
@@ -159,6 +175,19 @@ def _rationales(t: CreativeTables, df: pl.DataFrame) -> list[str]:
         out.append(rationale(attrs[row["row_a"]], attrs[row["row_b"]], dict(zip(ASPECTS, ua)),
                              dict(zip(ASPECTS, ub)), row["intent"], qc, row["label"]))
     return out
+
+
+def _check_values(df: pl.DataFrame, name: str, cols: list[str], source: str) -> None:
+    """No nulls in the rationale columns, and only level names the rationales know."""
+    src = f"{source}/{name}.parquet"
+    known = {**{k: v for k, v in CREATIVE_LEVELS.items() if k != "shown"}, "query_colour": ("main", "alt", "none")}
+    for c in cols:
+        if df[c].null_count():
+            raise ContractError(src, c, "null value", bad_rows(df, pl.col(c).is_null()))
+        if c in known:
+            bad = ~pl.col(c).is_in(list(known[c]))
+            if df.select(bad.any()).item():
+                raise ContractError(src, c, f"unknown level (known: {list(known[c])})", bad_rows(df, bad))
 
 
 class PairDataset(Dataset):
@@ -281,10 +310,11 @@ class CreativeDataModule(L.LightningDataModule):
         if t.log is None:
             raise ValueError(f"{t.source}: the pointwise baseline needs log.parquet (impressions, clicks)")
         prods = self.splits[split].select("product_id").unique()
+        log = check_log(t.log, f"{t.source}/log.parquet", ["product_id", "context_id"])
         row_of = pl.DataFrame({"creative_id": t.creatives["creative_id"],
                                "row": np.arange(t.creatives.height, dtype=np.int64)})
         ctx = t.contexts.join(t.products.select("product_id", "title"), on="product_id", how="left")
-        cells = (t.log.join(prods, on="product_id").join(row_of, on="creative_id")
+        cells = (log.join(prods, on="product_id").join(row_of, on="creative_id")
                  .join(ctx.select("context_id", "query", "title"), on="context_id", how="left"))
         return cells.with_columns(pl.Series("prompt", [prompt_text(q, ti) for q, ti in
                                                        zip(cells["query"].to_list(), cells["title"].to_list())]))

@@ -9,6 +9,11 @@ template when it has one, else as ``<image><image> prompt``.
 
 The completion's tags (``<think>``, ``</think>``, ``<answer>``, ``</answer>``) are added to the
 vocabulary (embeddings resized) when the tokenizer would split them, so that they decode intact.
+Prompts are left padded; scoring passes the same position ids that ``generate`` derives from the
+attention mask (models with multimodal rotary positions, Qwen2-VL style, derive their own), and
+sampling uses a neutral generation config (no repetition penalty, n-gram blocking, top-k or top-p
+from the checkpoint's defaults), so GRPO's log-probabilities are those of the distribution that
+sampled the completions.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ class HFSelector(Policy):
         if self.eos_id is None:
             raise ValueError(f"{path}: the tokenizer has neither an end-of-sequence nor a separator token")
         self.image_token = image_token or getattr(self.processor, "image_token", "<image>")
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        rope = getattr(text_cfg, "rope_scaling", None) or getattr(text_cfg, "rope_parameters", None) or {}
+        self.own_positions = "mrope_section" in rope  # Qwen2-VL style: the model computes them
         self._images = None
 
     def bind(self, images) -> None:
@@ -112,19 +120,29 @@ class HFSelector(Policy):
         p = inp["input_ids"].shape[1]
         inp["input_ids"] = torch.cat([inp["input_ids"], ids], 1)
         inp["attention_mask"] = torch.cat([inp["attention_mask"], mask.long()], 1)
+        if not self.own_positions:  # as generate() does under left padding
+            inp["position_ids"] = (inp["attention_mask"].cumsum(-1) - 1).clamp_min(0)
         logits = self.model(**inp).logits[:, p - 1: p - 1 + ids.shape[1]]
         lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
         return lp * mask
+
+    def generation_config(self, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False):
+        """Plain sampling (or greedy decoding) from the model's distribution."""
+        from transformers import GenerationConfig
+
+        sample = not (greedy or temperature <= 0)
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
+                                temperature=temperature if sample else 1.0, top_k=0, top_p=1.0,
+                                repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+                                eos_token_id=self.eos_id, pad_token_id=self.tok.pad_token_id)
 
     @torch.no_grad()
     def generate(self, prompts: HFPrompt, max_new_tokens: int, temperature: float = 1.0,
                  greedy: bool = False) -> tuple[Tensor, Tensor]:
         inp = self._inputs(prompts)
         p = inp["input_ids"].shape[1]
-        kw = {"do_sample": False} if greedy or temperature <= 0 else {"do_sample": True, "temperature": temperature,
-                                                                      "top_k": 0, "top_p": 1.0}
-        out = self.model.generate(**inp, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
-                                  pad_token_id=self.tok.pad_token_id, **kw)[:, p:]
+        out = self.model.generate(**inp, generation_config=self.generation_config(max_new_tokens, temperature, greedy)
+                                  )[:, p:]
         is_eos = out == self.eos_id
         before = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # eos tokens strictly before t
         return out, before == 0

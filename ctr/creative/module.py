@@ -100,12 +100,10 @@ class SelectorModule(L.LightningModule):
                  else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches) * self._updates_per_step())
+        # optimiser steps (manual optimisation: max_steps already counts every update)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = _cosine_warmup(opt, self.warmup_steps, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _updates_per_step(self) -> int:
-        return 1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         vocab = getattr(self.policy, "vocab", None)
@@ -155,9 +153,6 @@ class GRPOModule(SelectorModule):
         self.reward_format, self.reward_accuracy = reward_format, reward_accuracy
         self.max_grad_norm, self.adv_eps = max_grad_norm, adv_eps
         self.__dict__["ref"] = frozen_copy(policy)  # not a submodule: not trained, not saved
-
-    def _updates_per_step(self) -> int:
-        return self.updates_per_batch
 
     def on_fit_start(self) -> None:
         self.ref.to(self.device)

@@ -12,8 +12,9 @@ The log is either aggregated (``impressions`` and ``clicks`` columns) or one row
 impressions) raises :class:`ContractError` naming the source, the column and rows.
 
 ``python -m ctr.creative.pairs --out DIR`` simulates creatives (:mod:`ctr.creative.world`) and
-writes ``pairs.parquet`` next to the world's tables; ``--log FILE`` builds pairs from a log
-instead (with ``--creatives FILE`` and ``--contexts FILE`` for the images and queries).
+writes ``pairs.parquet`` next to the world's tables; ``--log FILE`` builds ``pairs.parquet`` from
+your log instead. A training folder also needs ``creatives.parquet``, ``contexts.parquet`` and
+``products.parquet`` beside it (columns: :data:`ctr.creative.data.REQUIRED`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class PairConfig:
     seed: int = 0
 
 
-def _check_log(log: pl.DataFrame, source: str, group: list[str]) -> pl.DataFrame:
+def check_log(log: pl.DataFrame, source: str, group: list[str]) -> pl.DataFrame:
+    """Validate an impression log (aggregated, or one row per impression: then aggregated to
+    ``impressions`` and ``clicks`` per group and creative)."""
     need = [*group, "creative_id"]
     if "impressions" in log.columns or "clicks" in log.columns:
         need += ["impressions", "clicks"]
@@ -80,7 +83,7 @@ def build_pairs(log: pl.DataFrame, cfg: PairConfig | None = None, source: str = 
         ["product_id", "context_id"] if "context_id" in log.columns else ["product_id"])
     if "product_id" not in group:
         raise ValueError(f"group_by must contain product_id (the split is by product), got {group}")
-    cells = (_check_log(log, source, group)
+    cells = (check_log(log, source, group)
              .group_by([*group, "creative_id"]).agg(pl.col("impressions").sum(), pl.col("clicks").sum())
              .filter(pl.col("impressions") > cfg.min_impressions)
              .with_columns((pl.col("clicks") / pl.col("impressions")).alias("ctr")))
@@ -88,9 +91,10 @@ def build_pairs(log: pl.DataFrame, cfg: PairConfig | None = None, source: str = 
              .filter(pl.col("creative_id") < pl.col("creative_id_b"))
              .rename({"creative_id": "creative_a", "impressions": "impressions_a", "clicks": "clicks_a",
                       "ctr": "ctr_a", "creative_id_b": "creative_b"})
-             .with_columns(
-                 (pl.max_horizontal("ctr_a", "ctr_b") / pl.min_horizontal("ctr_a", "ctr_b") - 1.0)
-                 .fill_nan(None).fill_null(float("inf")).alias("gap"))
+             .with_columns(  # x / 0 is an infinite gap; 0 / 0 (no clicks on either) is a tie
+                 pl.when(pl.max_horizontal("ctr_a", "ctr_b") == 0).then(0.0)
+                 .otherwise(pl.max_horizontal("ctr_a", "ctr_b") / pl.min_horizontal("ctr_a", "ctr_b") - 1.0)
+                 .alias("gap"))
              .filter(pl.col("gap") > cfg.min_ctr_gap)
              .sort([*group, "creative_a", "creative_b"]))
     rng = np.random.default_rng(cfg.seed)

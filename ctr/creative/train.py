@@ -86,6 +86,25 @@ def build_policy(cfg: DictConfig, dm):
     return policy
 
 
+def check_completion_budget(cfg: DictConfig, policy, dm) -> int:
+    """The longest training target in the policy's tokens; an error when a generation limit
+    (``eval.max_new_tokens``, and ``grpo.max_new_tokens`` for GRPO) is shorter, since a cut
+    completion has no answer and would count as a wrong selection."""
+    targets = dm.splits["train"]["target"].to_list()
+    longest = 0
+    for lo in range(0, len(targets), 512):
+        _, mask = policy.encode(targets[lo:lo + 512])
+        longest = max(longest, int(mask.sum(1).max()))
+    limits = {"eval.max_new_tokens": cfg.eval.max_new_tokens}
+    if cfg.stage == "grpo":
+        limits["grpo.max_new_tokens"] = cfg.grpo.max_new_tokens
+    for name, limit in limits.items():
+        if limit < longest:
+            raise ValueError(f"{name}={limit} is shorter than the longest training target ({longest} tokens "
+                             f"with this policy's tokenizer): raise it to at least {longest}")
+    return longest
+
+
 def _stage_cfg(cfg: DictConfig, run_dir: Path, **trainer) -> DictConfig:
     c = cfg.copy()
     with open_dict(c):
@@ -192,6 +211,7 @@ def train(cfg: DictConfig) -> dict:
         stages.append(info)
     else:
         policy = build_policy(cfg, dm)
+        check_completion_budget(cfg, policy, dm)
         if stage == "sft":
             module, best, info = fit_sft(cfg, dm, policy, run_dir, cfg.sft.target)
             stages.append(info)
