@@ -120,7 +120,8 @@ def table(res: dict[str, list[dict]]) -> str:
         t = [m["test"] for m in ms]
         row = [label, str(len(ms)), _pct(x["accuracy"] for x in t), _pct(x["accuracy_first_order"] for x in t),
                _pct(x["consistency"] for x in t), *[_pct(x.get(f"accuracy_gap_{b}") for x in t) for b in buckets],
-               _pct(x.get("well_formed") for x in t)]
+               # the answer-only format has no <think> block: "well formed" does not apply
+               "" if preset == "creative_sft_answer" else _pct(x.get("well_formed") for x in t)]
         lines.append("| " + " | ".join(row) + " |")
     per_seed = ["", "Per seed (test accuracy, both orders, %):", "",
                 "| seed | test pairs | " + " | ".join(p for p, _ in METHODS) + " | GRPO - CoT-SFT |",
