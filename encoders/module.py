@@ -21,7 +21,6 @@ is augmented and encoded once per step (the self-supervised task's second view a
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctr.optim import warmup_cosine
 from ctr.runs import fitting
 from encoders.data import TASKS
 from encoders.evaluate import image_text_recall, search_recall
@@ -323,19 +323,9 @@ class ContrastiveModule(pl.LightningModule):
         for p in self._delayed:  # no gradients through the towers until the delay is over
             p.requires_grad_(False)
 
-        def schedule(start: int):
-            def f(step: int) -> float:  # 0 before start, linear warm-up, then cosine to 0
-                if step < start:
-                    return 0.0
-                s, warm, span = step - start, h.warmup_steps, total - start
-                if warm and s < warm:
-                    return (s + 1) / warm
-                if not math.isfinite(total) or span <= warm:
-                    return 1.0
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / (span - warm))))
-            return f
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(delay if t else 0) for t in is_tower])
+        # towers: 0 until the delay is over, then their own warm-up and cosine to 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [warmup_cosine(h.warmup_steps, total, start=delay if t else 0) for t in is_tower])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:

@@ -84,8 +84,8 @@ def train_runs(seeds: list[int], runs: Path, jobs: int, overrides: list[str]) ->
             out.mkdir(parents=True, exist_ok=True)
             cmd = _cmd(p, s, out, overrides, extra)
             print(f"[creative] {' '.join(cmd[2:])}", flush=True)
-            running[(p, s)] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / "stdout.log", "w"),
-                                               stderr=subprocess.STDOUT)
+            with open(out / "stdout.log", "w") as log:  # the child keeps its own handle
+                running[(p, s)] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             todo.remove((p, s))
         time.sleep(2)
     if failed:

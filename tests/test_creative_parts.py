@@ -31,9 +31,13 @@ def test_world_is_deterministic_and_its_log_follows_the_click_model(world):
     assert log.height == 30 * 2 * 4  # every context x every creative of its product
     total = sum(log[f"u_{a}"].to_numpy() for a in ASPECTS)
     np.testing.assert_allclose(total, log["utility"].to_numpy())
-    # within a product and context the true CTR orders exactly like the utility plus the creative noise
     assert (log["clicks"] <= log["impressions"]).all()
-    # creatives of one product share the product's effect: CTR gaps come from the creatives
+    # the creatives of one product in one context share the product's effect: without creative noise
+    # their true-CTR logits differ exactly by their utilities
+    quiet = simulate_creatives(CreativeSimConfig(n_products=30, seed=3, creative_noise_sd=0.0)).log
+    logit = np.log(quiet["true_ctr"] / (1 - quiet["true_ctr"])).to_numpy() - quiet["utility"].to_numpy()
+    per_ctx = pl.DataFrame({"c": quiet["context_id"], "b": logit}).group_by("c").agg(pl.col("b").std())
+    assert float(per_ctx["b"].max()) < 1e-9
     from PIL import Image
     im = Image.open(io.BytesIO(world.creatives["image"][0]))
     assert im.size == (128, 128)

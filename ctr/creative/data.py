@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctr.creative.pairs import SPLITS, PairConfig, check_log, build_pairs
-from ctr.creative.prompts import answer_only, prompt_text, rationale, swap_text
+from ctr.creative.prompts import answer_only, prompt_expr, rationale, swap_text
 from ctr.creative.world import ASPECTS, CREATIVE_LEVELS, Attractiveness, CreativeSimConfig, simulate_creatives
 from ctr.data.contract import ContractError, bad_rows
 
@@ -121,32 +121,38 @@ def load_tables(dir: str | None = None, sim: dict | None = None, pairs: dict | N
     return load_tables(str(root))
 
 
+def _contexts(t: CreativeTables) -> pl.DataFrame:
+    """The contexts with their product's title (and colours, where the products have them) and the
+    ``prompt`` every selector reads."""
+    pcols = ["product_id", "title", *[c for c in ("colour", "alt_colour") if c in t.products.columns]]
+    return (t.contexts.join(t.products.select(pcols), on="product_id", how="left")
+            .with_columns(prompt_expr().alias("prompt")))
+
+
+def _creative_rows(t: CreativeTables) -> pl.DataFrame:
+    """``creative_id -> row`` (the creative's row number in ``t.creatives``)."""
+    return pl.DataFrame({"creative_id": t.creatives["creative_id"],
+                         "row": np.arange(t.creatives.height, dtype=np.int64)})
+
+
 def pair_texts(t: CreativeTables, pairs: pl.DataFrame, cot: bool) -> pl.DataFrame:
     """``pairs`` with ``prompt``, ``target`` (CoT rationale or answer only) and ``row_a``/``row_b``
     (the creatives' row numbers in ``t.creatives``)."""
-    row_of = dict(zip(t.creatives["creative_id"].to_list(), range(t.creatives.height)))
-    pcols = ["product_id", "title", *[c for c in ("colour", "alt_colour") if c in t.products.columns]]
-    ctx = t.contexts.join(t.products.select(pcols), on="product_id", how="left")
-    df = pairs.join(ctx.select("context_id", "query", "title", *[c for c in ("intent", "query_colour", "colour",
-                                                                        "alt_colour") if c in ctx.columns]),
-                    on="context_id", how="left", maintain_order="left")
+    ctx = _contexts(t)
+    df = pairs.join(ctx.drop("product_id"), on="context_id", how="left", maintain_order="left")
     missing = df["query"].is_null()
     if missing.any():
         raise ContractError(f"{t.source}/pairs.parquet", "context_id", "no such context in contexts.parquet",
                             bad_rows(df, pl.col("query").is_null()))
+    rows = _creative_rows(t)
     for side in ("a", "b"):
-        ids = df[f"creative_{side}"].to_list()
-        unknown = [i for i, c in enumerate(ids) if c not in row_of]
-        if unknown:
+        df = df.join(rows.rename({"creative_id": f"creative_{side}", "row": f"row_{side}"}),
+                     on=f"creative_{side}", how="left", maintain_order="left")
+        if df[f"row_{side}"].null_count():
             raise ContractError(f"{t.source}/pairs.parquet", f"creative_{side}",
-                                "no such creative in creatives.parquet", unknown)
-        df = df.with_columns(pl.Series(f"row_{side}", [row_of[c] for c in ids], dtype=pl.Int64))
-    prompts = [prompt_text(q, ti) for q, ti in zip(df["query"].to_list(), df["title"].to_list())]
-    if not cot:
-        targets = [answer_only(y) for y in df["label"].to_list()]
-    else:
-        targets = _rationales(t, df)
-    return df.with_columns(pl.Series("prompt", prompts), pl.Series("target", targets))
+                                "no such creative in creatives.parquet", bad_rows(df, pl.col(f"row_{side}").is_null()))
+    targets = _rationales(t, df) if cot else [answer_only(y) for y in df["label"].to_list()]
+    return df.with_columns(pl.Series("target", targets))
 
 
 def _rationales(t: CreativeTables, df: pl.DataFrame) -> list[str]:
@@ -235,6 +241,10 @@ class CreativeImages:
     pixels: np.ndarray
     tokens: np.ndarray | None = None
 
+    def token_rows(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``float32 [len(rows), T, C]`` token features of the creatives at ``rows``."""
+        return torch.from_numpy(np.asarray(self.tokens[rows.cpu().numpy()])).float().to(device)
+
 
 class CreativeDataModule(L.LightningDataModule):
     """Batches of creative pairs for the selectors (train / val / test splits by product).
@@ -311,11 +321,6 @@ class CreativeDataModule(L.LightningDataModule):
             raise ValueError(f"{t.source}: the pointwise baseline needs log.parquet (impressions, clicks)")
         prods = self.splits[split].select("product_id").unique()
         log = check_log(t.log, f"{t.source}/log.parquet", ["product_id", "context_id"])
-        row_of = pl.DataFrame({"creative_id": t.creatives["creative_id"],
-                               "row": np.arange(t.creatives.height, dtype=np.int64)})
-        ctx = t.contexts.join(t.products.select("product_id", "title"), on="product_id", how="left")
-        cells = (log.join(prods, on="product_id").join(row_of, on="creative_id")
-                 .join(ctx.select("context_id", "query", "title"), on="context_id", how="left"))
-        return cells.with_columns(pl.Series("prompt", [prompt_text(q, ti) for q, ti in
-                                                       zip(cells["query"].to_list(), cells["title"].to_list())]))
+        return (log.join(prods, on="product_id").join(_creative_rows(t), on="creative_id")
+                .join(_contexts(t).select("context_id", "query", "title", "prompt"), on="context_id", how="left"))
 

@@ -21,7 +21,6 @@ logged winner; ``val/format``: the output is well formed).
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytorch_lightning as L
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ctr.creative.prompts import parse, rewards
+from ctr.optim import warmup_cosine
 from ctr.creative.selector import Policy
 
 
@@ -73,15 +73,6 @@ def grpo_objective(logp: Tensor, old: Tensor, ref: Tensor, adv: Tensor, mask: Te
     return loss, kl, ratio
 
 
-def _cosine_warmup(opt, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        p = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * p))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
 class SelectorModule(L.LightningModule):
     """Shared parts: the policy, AdamW with warm-up and cosine decay, greedy validation."""
 
@@ -101,8 +92,8 @@ class SelectorModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
         # optimiser steps (manual optimisation: max_steps already counts every update)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = _cosine_warmup(opt, self.warmup_steps, total)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -145,8 +136,6 @@ class GRPOModule(SelectorModule):
         super().__init__(policy, lr, weight_decay, warmup_steps, max_new_tokens)
         if group_size < 2:
             raise ValueError("GRPO needs group_size >= 2 (advantages are normalised within a group)")
-        if loss_agg not in ("seq_mean", "token_mean"):
-            raise ValueError(f"loss_agg must be seq_mean or token_mean, got {loss_agg!r}")
         self.automatic_optimization = False
         self.group_size, self.temperature, self.clip_eps, self.kl_beta = group_size, temperature, clip_eps, kl_beta
         self.updates_per_batch, self.loss_agg = updates_per_batch, loss_agg

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ctr.creative.module import _cosine_warmup
 from ctr.creative.selector import WordVocab, pad_ids
+from ctr.optim import warmup_cosine
 
 
 class PointwiseCTR(nn.Module):
@@ -34,10 +34,10 @@ class PointwiseCTR(nn.Module):
     def bind(self, images) -> None:
         if images.tokens is None:
             raise ValueError("the pointwise baseline needs the image tower's token features (data tokens=true)")
-        self._images = images.tokens
+        self._images = images
 
     def forward(self, rows: Tensor, prompts: list[str]) -> Tensor:
-        x = torch.from_numpy(np.asarray(self._images[rows.cpu().numpy()])).float().to(self.img[1].weight.device)
+        x = self._images.token_rows(rows, self.img[1].weight.device)
         ids, _ = pad_ids([self.vocab.ids(p) for p in prompts])
         v = self.img(x.mean(1))
         q = self.words(ids.to(v.device))
@@ -88,7 +88,8 @@ class PointwiseModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = _cosine_warmup(opt, self.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(self.warmup_steps, self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

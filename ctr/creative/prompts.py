@@ -39,8 +39,14 @@ _STRICT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>\s*(?P<ans>[A
 _ANSWER = re.compile(r"<answer>\s*([AB])\s*</answer>", re.I)
 
 
-def prompt_text(query: str, title: str) -> str:
-    return f"query : {query} . title : {title} . {QUESTION}"
+PROMPT = "query : {} . title : {} . " + QUESTION  # the query, then the product title
+
+
+def prompt_expr(query: str = "query", title: str = "title"):
+    """The prompt (:data:`PROMPT`) of every row of a table with ``query`` and ``title`` columns."""
+    import polars as pl
+
+    return pl.format(PROMPT, pl.col(query), pl.col(title))
 
 
 def _side(diff: float) -> str:

@@ -184,14 +184,12 @@ class SmallSelector(Policy):
     def bind(self, images) -> None:
         if images.tokens is None:
             raise ValueError("the small selector needs the image tower's token features (data tokens=true)")
-        self._images = images.tokens
+        self._images = images
 
     def _image_rows(self, rows: Tensor) -> Tensor:
         if self._images is None:
             raise RuntimeError("bind() the creatives' images before use")
-        import numpy as np
-        x = torch.from_numpy(np.asarray(self._images[rows.cpu().numpy()])).float().to(self.head.weight.device)
-        return self.pool(x)
+        return self.pool(self._images.token_rows(rows, self.head.weight.device))
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, side*side, C]`` tower tokens -> the selector's image tokens."""
@@ -302,9 +300,4 @@ class SmallSelector(Policy):
             keys = torch.cat([keys, torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
             h, caches = self._run(self._completion_emb(nxt[:, None], t + 1), keys, keys.shape[1] - 1, caches)
         return torch.stack(out, 1), torch.stack(mask, 1)
-
-
-def describe(policy: nn.Module) -> dict:
-    return {"parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
-            "class": type(policy).__name__}
 

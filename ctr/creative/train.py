@@ -40,12 +40,9 @@ def build_datamodule(cfg: DictConfig, cot: bool, tokens: bool):
 
     from ctr.creative.data import CreativeDataModule
 
-    d = OmegaConf.to_container(cfg.data, resolve=True)
     tower = instantiate(cfg.image_tower, _convert_="all") if tokens else None
-    return CreativeDataModule(dir=d["dir"], sim=d["sim"], pairs=d["pairs"], image_size=d["image_size"],
-                              batch_size=d["batch_size"], eval_batch_size=d["eval_batch_size"], cot=cot,
-                              tokens=tokens, both_orders=d["both_orders"], image_tower=tower,
-                              cache_dir=cfg.paths.cache_dir, limit_pairs=d["limit_pairs"])
+    return CreativeDataModule(**OmegaConf.to_container(cfg.data, resolve=True), cot=cot, tokens=tokens,
+                              image_tower=tower, cache_dir=cfg.paths.cache_dir)
 
 
 def vocabulary(dm):
@@ -59,6 +56,8 @@ def vocabulary(dm):
 
     train = dm.splits["train"]
     texts = train["prompt"].to_list() + [answer_only("A"), answer_only("B"), "<think> </think>"]
+    if dm.cot:  # the data module holds the rationales already
+        return WordVocab.from_texts(texts + train["target"].to_list())
     try:
         texts += pair_texts(dm.tables, dm.tables.pairs.filter(pl.col("split") == "train"), cot=True)["target"].to_list()
     except ValueError:  # no attributes for rationales (a real log): answer-only vocabulary
@@ -66,22 +65,29 @@ def vocabulary(dm):
     return WordVocab.from_texts(texts)
 
 
+def policy_class(kind: str):
+    """The Policy class of ``policy.kind`` (``small`` or ``hf``)."""
+    if kind == "small":
+        from ctr.creative.selector import SmallSelector
+        return SmallSelector
+    if kind == "hf":
+        from ctr.creative.hf import HFSelector
+        return HFSelector
+    raise ValueError(f"policy.kind must be small or hf, got {kind!r}")
+
+
 def build_policy(cfg: DictConfig, dm):
     p = cfg.policy
+    cls = policy_class(p.kind)
     if p.kind == "hf":
-        from ctr.creative.hf import HFSelector
         if not p.path:
             raise ValueError("policy.kind=hf needs policy.path (a local transformers model folder)")
-        policy = HFSelector(p.path, dtype=p.dtype)
-    elif p.kind == "small":
-        from ctr.creative.selector import SmallSelector
-        tok = dm.images.tokens
-        policy = SmallSelector(vocabulary(dm), image_dim=int(tok.shape[-1]), image_tokens=int(tok.shape[1]),
-                               d_model=p.d_model, n_layers=p.n_layers, n_heads=p.n_heads, dropout=p.dropout,
-                               max_prompt=p.max_prompt, max_completion=p.max_completion,
-                               image_grid=p.image_grid)
+        policy = cls(p.path, dtype=p.dtype)
     else:
-        raise ValueError(f"policy.kind must be small or hf, got {p.kind!r}")
+        tok = dm.images.tokens
+        policy = cls(vocabulary(dm), image_dim=int(tok.shape[-1]), image_tokens=int(tok.shape[1]),
+                     d_model=p.d_model, n_layers=p.n_layers, n_heads=p.n_heads, dropout=p.dropout,
+                     max_prompt=p.max_prompt, max_completion=p.max_completion, image_grid=p.image_grid)
     policy.bind(dm.images)
     return policy
 
@@ -180,16 +186,17 @@ def fit_pointwise(cfg: DictConfig, dm, run_dir: Path) -> tuple[object, str | Non
                           "best_epoch": best_epoch(ckpt), "epochs": trainer.current_epoch, "checkpoint": best}
 
 
-def evaluate(cfg: DictConfig, dm, module, split: str = "test") -> dict:
+def evaluate(cfg: DictConfig, dm, model, split: str = "test") -> dict:
+    """Selection metrics of the pointwise baseline (a PointwiseModule) or of a generative policy."""
     from ctr.creative.evaluate import evaluate_policy, selection_metrics
     from ctr.creative.pointwise import PointwiseModule, pointwise_choices
 
-    if isinstance(module, PointwiseModule):
+    if isinstance(model, PointwiseModule):
         ds, sw = dm.dataset(split), dm.dataset(split, swapped=True)
-        first = pointwise_choices(module, ds)
-        first_sw = 1 - pointwise_choices(module, sw)
+        first = pointwise_choices(model, ds)
+        first_sw = 1 - pointwise_choices(model, sw)
         return selection_metrics(first, first_sw, (ds.label == 0).numpy(), ds.gap.numpy())
-    return evaluate_policy(module.policy, dm, split, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    return evaluate_policy(model, dm, split, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -201,7 +208,7 @@ def train(cfg: DictConfig) -> dict:
     cot = stage == "grpo" or (stage == "sft" and cfg.sft.target == "cot")
     if stage == "sft" and cfg.sft.target not in ("cot", "answer"):
         raise ValueError(f"sft.target must be cot or answer, got {cfg.sft.target!r}")
-    dm = build_datamodule(cfg, cot=cot, tokens=stage == "pointwise" or cfg.policy.kind == "small")
+    dm = build_datamodule(cfg, cot=cot, tokens=stage == "pointwise" or policy_class(cfg.policy.kind).needs == "tokens")
     t0 = time.perf_counter()
     dm.setup()
     data_s = time.perf_counter() - t0
@@ -225,12 +232,13 @@ def train(cfg: DictConfig) -> dict:
             else:
                 _, _, info = fit_sft(cfg, dm, policy, run_dir / "sft", "cot")
                 stages.append(info)
-            sft_val = evaluate(cfg, dm, _Wrap(policy), "val") if not cfg.trainer.get("fast_dev_run") else {}
+            sft_val = evaluate(cfg, dm, policy, "val") if not cfg.trainer.get("fast_dev_run") else {}
             module, best, info = fit_grpo(cfg, dm, policy, run_dir)
             info["sft_val_accuracy"] = sft_val.get("accuracy_first_order")
             stages.append(info)
-    test = evaluate(cfg, dm, module, "test")
-    val = evaluate(cfg, dm, module, "val") if dm.splits["val"].height else {}
+    model = module if stage == "pointwise" else module.policy
+    test = evaluate(cfg, dm, model, "test")
+    val = evaluate(cfg, dm, model, "val") if dm.splits["val"].height else {}
     t = dm.tables
     metrics = {
         "experiment": cfg.get("name"), "seed": cfg.seed, "stage": stage,
@@ -244,13 +252,6 @@ def train(cfg: DictConfig) -> dict:
         "wall_seconds": time.perf_counter() - t_start, "checkpoint": best,
     }
     return finish_run(run_dir, metrics, [])
-
-
-class _Wrap:
-    """A policy seen as a module with ``.policy`` (for :func:`evaluate`)."""
-
-    def __init__(self, policy):
-        self.policy = policy
 
 
 def _check_vocab(state: dict, policy, path: str) -> None:

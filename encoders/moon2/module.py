@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from ctr.optim import warmup_cosine
 from encoders.losses import LogitScale
 from encoders.moon2.augment import consistency_keep
 from encoders.moon2.fusion import DualEncoder, MultimodalEncoder, ObjectiveWeights, Routing
@@ -240,14 +241,5 @@ class Moon2Module(pl.LightningModule):
             groups.append({"params": adversary, "weight_decay": 0.0, "lr": float(self.weighting["lr"])})
         opt = torch.optim.AdamW(groups, lr=h.lr)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        warm = h.warmup_steps
-
-        def f(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if not math.isfinite(total) or total <= warm:
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(h.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
