@@ -2,10 +2,11 @@
 
 Prepare once, train many. :func:`prepare` joins ``events`` with ``items`` and ``users``, orders and
 splits the events, fits id vocabularies on the train split only (index 0 = padding, 1 = out of
-vocabulary), builds each event's behaviour sequence from the same user's *strictly earlier* events,
-and writes one ``.npy`` file per column and split, plus ``meta.json`` (the feature map) and the
-vocabularies. The folder is named by a fingerprint of the source and the settings and is reused
-when neither changed. Nothing here loops over rows in Python.
+vocabulary; optionally capped to the most frequent values, or replaced by hashing), builds each
+event's behaviour sequence from the same user's *strictly earlier* events, and writes one ``.npy``
+file per column and split, plus ``meta.json`` (the feature map) and the vocabularies. The folder is
+named by a fingerprint of the source and the settings and is reused when neither changed. Nothing
+here loops over rows in Python (hashing runs once per distinct value).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +87,68 @@ class PrepareSettings:
     # not a train-fitted vocabulary, so that content features (image embeddings) reach items never
     # seen in train; with a sequence, the history items' rows too (histref.item_id)
     item_refs: list[str] = field(default_factory=list)
+    # frequency cap: keep only the K most frequent train values of a feature (after min_count; ties
+    # broken by value, as the vocabulary's order), the rarer ones go to the OOV id 1, so vocab_size
+    # <= K + 2; an int for every feature that is not hashed, or {feature: K} (others uncapped)
+    max_vocab: int | dict[str, int] | None = None
+    # hashed features, {feature: n}: no vocabulary; code = 2 + blake2b(str(value)) % n in every split
+    # (values unseen in train get a bucket too; only nulls are OOV), vocab_size n + 2. Collisions
+    # share a row. E.g. {user_id: 1024}; vocab/<feature>.parquet lists the train values' buckets.
+    # None is read as {} (the Hydra configs default to null, which a {feature: n} override replaces)
+    hash_buckets: dict[str, int] = field(default_factory=dict)
+
+    def categorical(self) -> list[str]:
+        """The features that get ids: the sparse ones, and the sequence's item_id and side features."""
+        seq = ["item_id", *self.sequence.side] if self.sequence is not None else []
+        return list(dict.fromkeys([*self.sparse, *seq]))
+
+    def _check_counts(self) -> None:
+        """max_vocab / hash_buckets: positive integers for known categorical features."""
+        known = self.categorical()
+
+        def positive(v) -> bool:
+            return isinstance(v, Integral) and not isinstance(v, bool) and v > 0
+
+        if self.hash_buckets is None:
+            self.hash_buckets = {}
+        if not isinstance(self.hash_buckets, Mapping):
+            raise ValueError(f"hash_buckets must be {{feature: buckets}}, got {self.hash_buckets!r}")
+        self.hash_buckets = dict(self.hash_buckets)
+        for name, n in self.hash_buckets.items():
+            if name not in known:
+                raise ValueError(f"hash_buckets names {name!r}, which is not a categorical feature "
+                                 f"(sparse, or the sequence's item_id and side features: {known})")
+            if not positive(n):
+                raise ValueError(f"hash_buckets[{name!r}] must be a positive integer, got {n!r}")
+            self.hash_buckets[name] = int(n)
+        if isinstance(self.max_vocab, Mapping):
+            self.max_vocab = dict(self.max_vocab)
+            for name, k in self.max_vocab.items():
+                if name not in known:
+                    raise ValueError(f"max_vocab names {name!r}, which is not a categorical feature "
+                                     f"(sparse, or the sequence's item_id and side features: {known})")
+                if name in self.hash_buckets:
+                    raise ValueError(f"max_vocab names {name!r}, which is hashed (hash_buckets): "
+                                     f"a hashed feature has no vocabulary to cap")
+                if not positive(k):
+                    raise ValueError(f"max_vocab[{name!r}] must be a positive integer, got {k!r}")
+                self.max_vocab[name] = int(k)
+        elif self.max_vocab is not None:
+            if not positive(self.max_vocab):
+                raise ValueError(f"max_vocab must be a positive integer, {{feature: K}} or null, "
+                                 f"got {self.max_vocab!r}")
+            self.max_vocab = int(self.max_vocab)
+        if isinstance(self.min_count, Mapping):
+            self.min_count = dict(self.min_count)
+            hashed = sorted(set(self.min_count) & set(self.hash_buckets))
+            if hashed:
+                raise ValueError(f"min_count names {hashed[0]!r}, which is hashed (hash_buckets): "
+                                 f"a hashed feature has no vocabulary")
+
+    def vocab_cap(self, name: str) -> int | None:
+        if isinstance(self.max_vocab, dict):
+            return self.max_vocab.get(name)
+        return self.max_vocab
 
     def __post_init__(self) -> None:
         if isinstance(self.sequence, dict):
@@ -99,6 +164,7 @@ class PrepareSettings:
         overlap = set(self.sparse) & set(self.dense)
         if overlap:
             raise ValueError(f"features listed as both sparse and dense: {sorted(overlap)}")
+        self._check_counts()
 
 
 def file_fingerprint(*paths: str | os.PathLike) -> str:
@@ -114,7 +180,13 @@ def file_fingerprint(*paths: str | os.PathLike) -> str:
 
 
 def settings_fingerprint(source_fp: str, settings: PrepareSettings) -> str:
-    blob = json.dumps({"source": source_fp, "settings": asdict(settings), "v": PREPARE_VERSION},
+    d = asdict(settings)
+    # options added later count only when set, so that artefacts prepared before they existed keep
+    # their fingerprint (and are reused)
+    for key, default in (("max_vocab", None), ("hash_buckets", {})):
+        if d.get(key) == default:
+            d.pop(key)
+    blob = json.dumps({"source": source_fp, "settings": d, "v": PREPARE_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -182,13 +254,36 @@ def _assign_splits(df: pl.DataFrame, s: PrepareSettings) -> pl.DataFrame:
     return df.with_columns(pl.when(main).then(label).otherwise(pl.col("__split")).alias("__split"))
 
 
-def _fit_vocab(train_values: pl.Series, min_count: int) -> pl.DataFrame:
-    """value -> index, most frequent first (ties broken by value); 0 is padding, 1 out of vocabulary."""
+def _fit_vocab(train_values: pl.Series, min_count: int, max_vocab: int | None = None) -> pl.DataFrame:
+    """value -> index, most frequent first (ties broken by value); 0 is padding, 1 out of vocabulary.
+    ``max_vocab`` keeps only the first (most frequent) values."""
     name = train_values.name
     counts = (train_values.drop_nulls().value_counts(name="count")
               .filter(pl.col("count") >= min_count)
               .sort(["count", name], descending=[True, False]))
+    if max_vocab is not None:
+        counts = counts.head(max_vocab)
     return counts.with_columns((pl.int_range(pl.len()) + 2).cast(pl.Int32).alias("index"))
+
+
+def stable_hash(value, buckets: int) -> int:
+    """The bucket (0..buckets-1) of a value: blake2b (8 bytes, little-endian) of ``str(value)``'s
+    UTF-8 bytes, modulo ``buckets``; the same in every process, platform and library version."""
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % buckets
+
+
+def _hash_encode(values: pl.Series, train_values: pl.Series, buckets: int) -> tuple[np.ndarray, pl.DataFrame]:
+    """Codes 2 + stable_hash(value) (nulls: 1), hashing each distinct value once, and the table of
+    the train values (value, count, index: their code), most frequent first, for vocab/<name>.parquet."""
+    name = values.name
+    uniq = values.drop_nulls().unique()
+    codes = pl.Series([2 + stable_hash(v, buckets) for v in uniq.to_list()], dtype=pl.Int32)
+    encoded = values.replace_strict(uniq, codes, default=1, return_dtype=pl.Int32).fill_null(1)
+    table = (train_values.drop_nulls().value_counts(name="count")
+             .sort(["count", name], descending=[True, False]))
+    table = table.with_columns(table[name].replace_strict(uniq, codes, return_dtype=pl.Int32).alias("index"))
+    return encoded.to_numpy(), table
 
 
 def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
@@ -274,12 +369,19 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     vocab_dir = out / "vocab"
     vocab_dir.mkdir(parents=True)
     seq_side = list(s.sequence.side) if s.sequence is not None else []
+    train_rows = pl.Series(is_train)
+    # one encoding per feature: the sequence's item_id / side features reuse the target's codes
     for name in dict.fromkeys([*s.sparse, *(["item_id"] if s.sequence else []), *seq_side]):
-        mc = s.min_count.get(name, 1) if isinstance(s.min_count, dict) else s.min_count
-        vocab = _fit_vocab(df[name].filter(pl.Series(is_train)), mc)
+        if name in s.hash_buckets:
+            n = s.hash_buckets[name]
+            codes[name], vocab = _hash_encode(df[name], df[name].filter(train_rows), n)
+            features[name] = {"vocab_size": n + 2, "hashed": n, "oov_share": {}}
+        else:
+            mc = s.min_count.get(name, 1) if isinstance(s.min_count, dict) else s.min_count
+            vocab = _fit_vocab(df[name].filter(train_rows), mc, s.vocab_cap(name))
+            codes[name] = _encode(df[name], vocab)
+            features[name] = {"vocab_size": vocab.height + 2, "oov_share": {}}
         vocab.write_parquet(vocab_dir / f"{name}.parquet")
-        codes[name] = _encode(df[name], vocab)
-        features[name] = {"vocab_size": vocab.height + 2, "oov_share": {}}
     dense_stats = {}
     dense = None
     if s.dense:

@@ -307,7 +307,16 @@ class VisualArch(nn.Module):
 
 
 def vocab_item_rows(meta: dict) -> Tensor:
-    """Item row of each item_id vocabulary index ([vocab_size]; 0 for padding and OOV)."""
+    """Item row of each item_id vocabulary index ([vocab_size]; 0 for padding and OOV).
+
+    Needs an item_id vocabulary: with a hashed item_id a bucket holds several items (and items
+    unseen in train), so there is no one item row per index, and this raises a ValueError."""
+    hashed = (meta.get("settings") or {}).get("hash_buckets") or {}
+    if "item_id" in hashed:
+        raise ValueError(f"visual mode 'init' maps each item_id vocabulary index to one item, but item_id "
+                         f"is hashed into {hashed['item_id']} buckets (data.settings.hash_buckets): "
+                         f"drop item_id from hash_buckets (max_vocab caps a vocabulary instead) or use "
+                         f"visual mode sum/concat, which read the items' rows, not the vocabulary")
     vocab = pl.read_parquet(Path(meta["path"]) / "vocab" / "item_id.parquet")
     j = vocab.join(artefact_items(meta).select("item_id", "row"), on="item_id", how="left")
     out = torch.zeros(meta["vocab_sizes"]["item_id"], dtype=torch.long)
