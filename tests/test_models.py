@@ -30,6 +30,64 @@ def test_fused_target_attention_matches_reference(act):
     assert out[0].abs().sum() == 0  # an empty history pools to zero
 
 
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_packed_attention_equals_the_padded_grid(normalize):
+    """pack=True (only the real history items go through the unit) is the same function, with the
+    same gradients, as the padded grid (ReLU: no batch statistics, which packing changes)."""
+    torch.manual_seed(0)
+    grid = TargetAttention(8, [16, 4], act="relu", normalize=normalize, pack=False)
+    packed = TargetAttention(8, [16, 4], act="relu", normalize=normalize, pack=True)
+    packed.load_state_dict(grid.state_dict())
+    q, k = torch.randn(5, 8, requires_grad=True), torch.randn(5, 7, 8, requires_grad=True)
+    mask = torch.arange(7)[None] < torch.tensor([0, 1, 3, 7, 5])[:, None]
+    bias = torch.randn(5, 7)
+    torch.testing.assert_close(packed.scores(q, k, mask, bias), grid.scores(q, k, mask, bias))
+    out_grid = grid(q, k, mask)
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    out_packed = packed.forward_packed(q, k.reshape(35, 8)[pos], pos, (5, 7))
+    torch.testing.assert_close(out_packed, out_grid)
+    g_grid = torch.autograd.grad(out_grid.square().sum(), [q, k, grid.first.weight])
+    g_packed = torch.autograd.grad(out_packed.square().sum(), [q, k, packed.first.weight])
+    for a, b in zip(g_packed, g_grid):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_bf16_attention_unit_is_close_and_keeps_float32_weights(pack):
+    torch.manual_seed(0)
+    ref = TargetAttention(8, [16, 4], act="dice", normalize="softmax", pack=pack)
+    bf = TargetAttention(8, [16, 4], act="dice", normalize="softmax", pack=pack, unit_precision="bf16")
+    bf.load_state_dict(ref.state_dict())
+    q, k = torch.randn(6, 8), torch.randn(6, 9, 8)
+    mask = torch.arange(9)[None] < torch.tensor([0, 2, 9, 5, 1, 7])[:, None]
+    w_ref, w_bf = ref.scores(q, k, mask), bf.scores(q, k, mask)
+    assert w_bf.dtype == torch.float32 and not torch.equal(w_bf, w_ref)  # bf16 did run
+    torch.testing.assert_close(w_bf, w_ref, atol=2e-2, rtol=0)  # bf16: ~3 significant digits
+    bf(q, k, mask).sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in bf.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="unit_precision"):
+        TargetAttention(8, unit_precision="fp8")
+
+
+def test_packed_ctr_model_equals_padded(tiny_sim):
+    """The model's packed path (history embedded only where it is real) gives the padded path's
+    logits and parameter gradients."""
+    batch = TensorStore(tiny_sim.split_dir("train"))[torch.arange(64)]
+    assert (batch.seq_len < batch.seq["item_id"].shape[1]).any()  # some padding to skip
+    models = []
+    for pack in (True, False):
+        torch.manual_seed(0)
+        seq = functools.partial(TargetAttention, hidden=[16, 8], act="relu", pack=pack)
+        models.append(CTRModel(tiny_sim.meta, embedding_dim=8, sequence=seq, over_hidden=[16]))
+    a, b = models
+    torch.testing.assert_close(a(batch), b(batch))
+    a(batch).sum().backward()
+    b(batch).sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
 def test_softmax_attention_ignores_padding():
     torch.manual_seed(0)
     att = TargetAttention(4, [8], act="relu", normalize="softmax")

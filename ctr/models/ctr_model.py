@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ctr.data.batch import Batch
-from ctr.models.parts import MLP, FeatureEmbedding, sequence_mask
+from ctr.models.embedding import make_embedding
+from ctr.models.parts import MLP, sequence_mask
 
 
 class CTRModel(nn.Module):
@@ -32,6 +33,12 @@ class CTRModel(nn.Module):
     add SimTier and query features; its debiasing loss is :meth:`aux_loss`. ``position`` adds a
     shallow position-bias tower (:class:`PositionTower`) to the logit in training only.
     ``prior_bias`` starts the output bias at the logit of the train split's CTR (for rare clicks).
+
+    ``embedding_backend`` picks the id tables (:mod:`ctr.models.embedding`): ``plain``
+    (``nn.Embedding`` per feature) or ``torchrec`` (a TorchRec ``EmbeddingCollection``, shardable
+    with :func:`ctr.models.embedding.shard_embeddings`); same initial weights for the same seed and
+    the same function of them. Every feature of a batch (target and history) is embedded in one
+    ``lookup``, the history under ``hist.<feature>``.
     """
 
     def __init__(self, meta: dict, embedding_dim: int = 32,
@@ -41,7 +48,7 @@ class CTRModel(nn.Module):
                  init_std: float = 1e-2, id_dropout: dict[str, float] | None = None,
                  wide: bool = False, length_feature: bool = False, share_history_tables: bool = True,
                  visual: Callable[..., nn.Module] | None = None, position: dict | None = None,
-                 prior_bias: bool = False):
+                 prior_bias: bool = False, embedding_backend: str = "plain"):
         super().__init__()
         self.sparse_names = list(meta["sparse"])
         self.seq_names = list(meta["sequence"]["features"]) if meta.get("sequence") and sequence else []
@@ -57,7 +64,10 @@ class CTRModel(nn.Module):
         self.hist_prefix = "" if share_history_tables else "hist__"
         if not share_history_tables:  # history items get tables of their own
             tables.update({f"hist__{n}": meta["vocab_sizes"][n] for n in self.seq_names})
-        self.embedding = FeatureEmbedding(tables, embedding_dim, init_std)
+        # the history's ids are looked up as hist.<feature>, in the target's table or its own
+        aliases = {f"hist.{n}": self.hist_prefix + n for n in self.seq_names}
+        self.embedding_backend = embedding_backend
+        self.embedding = make_embedding(embedding_backend, tables, embedding_dim, init_std, aliases)
         self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout > 0 else nn.Identity()
         self.visual = visual(meta=meta, embedding_dim=embedding_dim) if visual is not None else None
         if self.visual is not None and "item_id" not in self.sparse_names:
@@ -67,8 +77,8 @@ class CTRModel(nn.Module):
 
             rows = vocab_item_rows(meta)
             for t in ("item_id", "hist__item_id"):
-                if t in self.embedding.tables:
-                    self.visual.init_id_table(self.embedding.tables[t].weight, rows)
+                if t in tables:
+                    self.visual.init_id_table(self.embedding.weight(t), rows)
         if self.visual is not None and self.visual.tiers and not self.seq_names:
             raise ValueError("visual tiers (SimTier) need a behaviour sequence: set tiers=0 or add a sequence")
         vx = self.visual.item_extra_dim if self.visual is not None else 0
@@ -81,7 +91,8 @@ class CTRModel(nn.Module):
                   + n_dense + int(self.length_feature) + vx
                   + (self.visual.out_dim if self.visual is not None else 0))
         # first-order ("wide") part: one learned scalar per id of each sparse feature
-        self.wide = FeatureEmbedding({n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0) if wide else None
+        self.wide = (make_embedding(embedding_backend, {n: meta["vocab_sizes"][n] for n in self.sparse_names}, 1, 0.0)
+                     if wide else None)
         self.over = MLP(in_dim, list(over_hidden), 1, act=over_act, dropout=dropout, batch_norm=batch_norm)
         self.position = PositionTower(**position) if position else None
         if prior_bias:  # start at the train CTR, not 0.5: rare clicks need no epochs to get there
@@ -106,8 +117,15 @@ class CTRModel(nn.Module):
 
     def features(self, batch: Batch) -> Tensor:
         """The over-arch input: [B, in_dim]."""
-        emb = {n: self.embedding(n, self._ids(n, batch.sparse[n])) for n in self.sparse_names}
+        ids = {n: self._ids(n, batch.sparse[n]) for n in self.sparse_names}
         vis = self.visual
+        # the packed path: only the real history items are embedded and attended to (no padding)
+        packed = self.sequence is not None and vis is None and getattr(self.sequence, "packs", False)
+        if self.sequence is not None and not packed:
+            ids.update({f"hist.{n}": batch.seq[n] for n in self.seq_names})
+        emb = self.embedding.lookup(ids)  # one call for every table (one KJT with torchrec)
+        if packed:
+            return self._packed_features(batch, emb)
         if vis is not None:
             v_t = vis.vectors(batch.refs["item_id"])
             emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
@@ -115,7 +133,7 @@ class CTRModel(nn.Module):
         sim = mask = None
         if self.sequence is not None:
             query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
-            hk = {n: self.embedding(self.hist_prefix + n, batch.seq[n]) for n in self.seq_names}
+            hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
             mask = sequence_mask(batch.seq_len, batch.seq[self.seq_names[0]].shape[1])
             bias = None
             if vis is not None:
@@ -136,10 +154,28 @@ class CTRModel(nn.Module):
         x = self.embedding_dropout(torch.cat(parts, dim=-1))
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
+    def _packed_features(self, batch: Batch, emb: dict[str, Tensor]) -> Tensor:
+        """:meth:`features` when the sequence arch takes packed history items (no visual arch)."""
+        parts = [emb[n] for n in self.sparse_names]
+        query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
+        first = batch.seq[self.seq_names[0]]
+        mask = sequence_mask(batch.seq_len, first.shape[1])
+        pos = mask.reshape(-1).nonzero().squeeze(1)
+        hk = self.embedding.lookup({f"hist.{n}": batch.seq[n].reshape(-1).index_select(0, pos)
+                                    for n in self.seq_names})
+        keys = torch.cat([hk[f"hist.{n}"] for n in self.seq_names], dim=-1)  # [M, D]
+        parts.append(self.sequence.forward_packed(query, keys, pos, tuple(first.shape)))
+        if self.length_feature:
+            n = batch.seq_len.to(keys.dtype).clamp_min(0)
+            parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
+        x = self.embedding_dropout(torch.cat(parts, dim=-1))
+        return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
+
     def forward(self, batch: Batch) -> Tensor:
         logit = self.over(self.features(batch)).squeeze(-1)
         if self.wide is not None:
-            logit = logit + sum(self.wide(n, batch.sparse[n]) for n in self.sparse_names).squeeze(-1)
+            w = self.wide.lookup({n: batch.sparse[n] for n in self.sparse_names})
+            logit = logit + sum(w.values()).squeeze(-1)
         if self.position is not None and self.training:
             logit = logit + self.position(batch)
         return logit

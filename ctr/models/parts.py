@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctr.models.embedding import FeatureEmbedding  # noqa: F401  (the plain embedding backend, kept importable here)
+
 
 def activation(name: str, dim: int | None = None) -> nn.Module:
     if name == "relu":
@@ -37,17 +39,14 @@ class Dice(nn.Module):
         self.register_buffer("running_var", torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            flat = x.reshape(-1, x.shape[-1])
-            var, mean = torch.var_mean(flat, dim=0, correction=0)
-            with torch.no_grad():
-                n = flat.shape[0]
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
-        return x * (self.alpha + p * (1 - self.alpha))
+        # the normalisation is batch norm over the flattened leading dims (one fused native kernel
+        # with its backward through the statistics: about twice as fast as composing it from
+        # var_mean and element-wise ops); running estimates as batch norm keeps them
+        flat = x.reshape(-1, x.shape[-1])
+        z = F.batch_norm(flat, self.running_mean, self.running_var, None, None, self.training,
+                         self.momentum, self.eps)
+        gate = torch.addcmul(self.alpha, torch.sigmoid(z), 1 - self.alpha)  # alpha + p (1 - alpha)
+        return x * gate.reshape(x.shape)
 
 
 class MLP(nn.Module):
@@ -79,25 +78,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class FeatureEmbedding(nn.Module):
-    """One embedding table per categorical feature; sequences share the table of their feature.
-
-    ``vocab_sizes`` maps feature -> rows (padding row 0 and the out-of-vocabulary row 1 included).
-    """
-
-    def __init__(self, vocab_sizes: dict[str, int], dim: int, init_std: float = 1e-2):
-        super().__init__()
-        self.dim = dim
-        self.tables = nn.ModuleDict({n: nn.Embedding(v, dim, padding_idx=0) for n, v in vocab_sizes.items()})
-        for t in self.tables.values():
-            nn.init.normal_(t.weight, std=init_std)
-            with torch.no_grad():
-                t.weight[0].zero_()
-
-    def forward(self, name: str, ids: Tensor) -> Tensor:
-        return self.tables[name](ids)
-
-
 def sequence_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
@@ -125,13 +105,28 @@ class TargetAttention(nn.Module):
 
     ``normalize="none"`` keeps DIN's unnormalised weights (the intensity of interest is kept);
     ``"softmax"`` turns them into a distribution over the history.
+
+    ``pack=True`` runs the unit on the real history items only (gathered into [M, D] rows, M the
+    sum of the lengths) and scatters the scores back: the padding costs nothing, and Dice's batch
+    statistics are those of the real items (not diluted by padding). On ML100K (mean length 38.5
+    of 50) that is about a quarter of the unit's work. ``False`` runs on the padded [B, L]
+    grid (no data-dependent shapes: CUDA graphs, ``torch.compile`` without graph breaks).
+
+    ``unit_precision="bf16"`` runs the unit (its matrix products and activations, the [M, H] part
+    that dominates DIN's cost) under bf16 autocast; the scores, the pooling and everything else
+    stay float32, and so do the weights and their gradients. On CPUs with native bf16 (AVX512-BF16,
+    AMX) and on GPUs that is about 1.5x faster per step; elsewhere bf16 is emulated and slower.
     """
 
     def __init__(self, dim: int, hidden: list[int] = (64, 32), act: str = "dice",
-                 normalize: str = "none", dropout: float = 0.0):
+                 normalize: str = "none", dropout: float = 0.0, pack: bool = True,
+                 unit_precision: str = "32"):
         super().__init__()
         if normalize not in ("none", "softmax"):
             raise ValueError(f"normalize must be 'none' or 'softmax', got {normalize!r}")
+        if str(unit_precision) not in ("32", "bf16"):
+            raise ValueError(f"unit_precision must be '32' or 'bf16', got {unit_precision!r}")
+        self.bf16 = str(unit_precision) == "bf16"
         hidden = list(hidden)
         if not hidden:
             raise ValueError("TargetAttention needs at least one hidden layer")
@@ -139,27 +134,68 @@ class TargetAttention(nn.Module):
         self.first_act = activation(act, hidden[0])
         self.first_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rest = MLP(hidden[0], hidden[1:], 1, act=act, dropout=dropout)
-        self.normalize = normalize
+        self.normalize, self.pack = normalize, pack
         self.dim = self.out_dim = dim
+
+    @property
+    def packs(self) -> bool:
+        """True: the model may hand over only the real history items (:meth:`forward_packed`)."""
+        return self.pack
+
+    def _unit(self, device: torch.device):
+        """The autocast context of the unit (a no-op unless ``unit_precision="bf16"``)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _packed_scores(self, query: Tensor, k: Tensor, row: Tensor) -> Tensor:
+        """Raw scores [M] (float32) of packed keys ``k`` [M, D], ``row`` [M] their batch rows."""
+        with self._unit(k.device):
+            wq, wk, wd, wp = self.first.weight.split(self.dim, dim=1)
+            q_term = F.linear(query, wq + wd, self.first.bias)  # [B, H], once per row
+            h = (torch.matmul(k, (wk - wd).t()) + torch.matmul(query.index_select(0, row) * k, wp.t())
+                 + q_term.index_select(0, row))
+            s = self.rest(self.first_drop(self.first_act(h))).squeeze(-1)
+        return s.float()
+
+    def _grid(self, packed: Tensor, pos: Tensor, shape: tuple[int, int]) -> Tensor:
+        """Packed raw scores onto the [B, L] grid, normalised (padding: weight 0)."""
+        b, l = shape
+        fill = float("-inf") if self.normalize == "softmax" else 0.0
+        s = packed.new_full((b * l,), fill).index_put((pos,), packed).reshape(b, l)
+        return s.softmax(dim=1).nan_to_num(0.0) if self.normalize == "softmax" else s
 
     def scores(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
         """[B, L] attention weights; ``bias`` ([B, L], e.g. a scaled visual similarity) is added to
         the unit's raw scores before normalisation."""
-        wq, wk, wd, wp = self.first.weight.split(self.dim, dim=1)
-        h = (torch.matmul(keys, (wk - wd).t()) + torch.matmul(query.unsqueeze(1) * keys, wp.t())
-             + (F.linear(query, wq + wd, self.first.bias)).unsqueeze(1))
-        s = self.rest(self.first_drop(self.first_act(h))).squeeze(-1)
+        b, l, d = keys.shape
+        if self.pack:
+            pos = mask.reshape(-1).nonzero().squeeze(1)  # flat (row, step) of the real items
+            row = torch.div(pos, l, rounding_mode="floor")
+            packed = self._packed_scores(query, keys.reshape(b * l, d).index_select(0, pos), row)
+            if bias is not None:
+                packed = packed + bias.reshape(-1).index_select(0, pos)
+            return self._grid(packed, pos, (b, l))
+        with self._unit(keys.device):
+            wq, wk, wd, wp = self.first.weight.split(self.dim, dim=1)
+            h = (torch.matmul(keys, (wk - wd).t()) + torch.matmul(query.unsqueeze(1) * keys, wp.t())
+                 + F.linear(query, wq + wd, self.first.bias).unsqueeze(1))
+            s = self.rest(self.first_drop(self.first_act(h))).squeeze(-1).float()
         if bias is not None:
             s = s + bias
         if self.normalize == "softmax":
-            s = s.masked_fill(~mask, float("-inf")).softmax(dim=1).nan_to_num(0.0)
-        else:
-            s = s * mask.to(s.dtype)
-        return s
+            return s.masked_fill(~mask, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+        return s * mask.to(s.dtype)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
         w = self.scores(query, keys, mask, bias)
         return torch.bmm(w.unsqueeze(1), keys).squeeze(1)
+
+    def forward_packed(self, query: Tensor, keys: Tensor, pos: Tensor, shape: tuple[int, int]) -> Tensor:
+        """Pooled history [B, D] from the real history items only: ``keys`` [M, D] are the items at
+        the flat positions ``pos`` [M] (row * L + step, ascending) of the [B, L] grid ``shape``. The
+        same function as :meth:`forward` on the padded grid, without ever building it."""
+        row = torch.div(pos, shape[1], rounding_mode="floor")
+        w = self._grid(self._packed_scores(query, keys, row), pos, shape).reshape(-1).index_select(0, pos)
+        return keys.new_zeros(shape[0], keys.shape[1]).index_add(0, row, w.unsqueeze(1) * keys)
 
 
 class ConcatPooling(nn.Module):
