@@ -10,7 +10,7 @@ from torch import nn
 
 from ctr.data.batch import Batch
 from ctr.metrics import ctr_metrics
-from ctr.runs import fitting
+from ctr.runs import all_sum, fitting
 
 
 class CTRModule(pl_.LightningModule):
@@ -22,6 +22,11 @@ class CTRModule(pl_.LightningModule):
     training loss. ``slices`` maps a name to a boolean mask over item rows ([N + 1], indexed by
     ``batch.refs["item_id"]``), e.g. the low-impression items: each eval split is then also
     measured on those impressions alone, as ``<split>/<slice>/<metric>``.
+
+    Distributed (DDP): each rank sees its share of every batch (``CTRDataModule``); the
+    ``train_samples``/``history_tokens`` counters are summed over the ranks after every step, and
+    the metrics gather their states over the ranks when computed, so every rank logs the metrics
+    of the whole split.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -72,9 +77,10 @@ class CTRModule(pl_.LightningModule):
         now = time.perf_counter()
         self.train_seconds += now - self._t_prev  # type: ignore[operator]
         self._t_prev = now
-        self.train_samples += len(batch)
-        if batch.seq_len is not None:
-            self.history_tokens += int(batch.seq_len.sum())
+        hist = int(batch.seq_len.sum()) if batch.seq_len is not None else 0
+        n, hist = all_sum([len(batch), hist], self.device)  # over the ranks of a DDP run
+        self.train_samples += int(n)
+        self.history_tokens += int(hist)
 
     def on_validation_start(self) -> None:
         self._t_prev = None  # evaluation time is not training time
@@ -107,8 +113,20 @@ class CTRModule(pl_.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._update(self.val_metrics, batch)
 
+    def _compute(self, metrics, always: bool = False) -> dict | None:
+        """``metrics.compute()`` over every rank's updates; None when no rank updated them (unless
+        ``always``). Every rank must call it (the count and the states are gathered)."""
+        local = next(iter(metrics.values())).update_count
+        (total,) = all_sum([local], self.device)
+        if total == 0 and not always:
+            return None
+        if local == 0 and total > 0:  # this rank saw none of the rows: typed empty states to gather
+            empty = torch.zeros(0, device=self.device)
+            metrics.update(empty, empty, groups=torch.zeros(0, dtype=torch.long, device=self.device))
+        return metrics.compute()
+
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict(self._compute(self.val_metrics, always=True), prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -116,8 +134,9 @@ class CTRModule(pl_.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for m in [*self.test_metrics, *(x for ms in self.slice_metrics for x in ms)]:
-            if next(iter(m.values())).update_count:
-                self.log_dict(m.compute(), add_dataloader_idx=False)
+            values = self._compute(m)
+            if values is not None:
+                self.log_dict(values, add_dataloader_idx=False)
             m.reset()
 
     # ---- optimiser --------------------------------------------------------------------------
@@ -138,7 +157,15 @@ class CTRModule(pl_.LightningModule):
                   {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if h.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=h.lr)
+            return torch.optim.Adam(groups, lr=h.lr, fused=_fusable(groups))
         if h.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=h.lr)
+            return torch.optim.AdamW(groups, lr=h.lr, fused=_fusable(groups))
         raise ValueError(f"unknown optimizer {h.optimizer!r} (adam, adamw)")
+
+
+def _fusable(groups: list[dict]) -> bool | None:
+    """torch's fused Adam kernels (one pass per tensor, CPU and CUDA) when every parameter is a
+    dense float tensor on such a device; else None (torch's default implementation)."""
+    ps = [p for g in groups for p in g["params"]]
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and not p.is_sparse for p in ps)
+    return True if ps and ok else None

@@ -32,7 +32,8 @@ def environment() -> dict:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # a temporary file of this process's own: the ranks of a DDP run write the same files
+    tmp = path.with_suffix(f"{path.suffix}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -76,6 +77,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write(run_dir / "env.json", json.dumps(environment(), indent=1))
     return trainer, ckpt, loggers
+
+
+def compile_in_place(module: torch.nn.Module, cfg: DictConfig) -> bool:
+    """``cfg.compile``: ``torch.compile`` ``module`` in place (``nn.Module.compile``: its
+    ``state_dict`` keys and checkpoints are unchanged), with ``cfg.compile_mode`` (null: torch's
+    default; e.g. ``max-autotune``) and ``cfg.compile_dynamic`` (null: dynamic shapes after a
+    recompile). Returns whether it compiled."""
+    if not cfg.get("compile"):
+        return False
+    module.compile(mode=cfg.get("compile_mode"), dynamic=cfg.get("compile_dynamic"))
+    return True
 
 
 def _resume_version(lg: DictConfig, run_dir: Path) -> DictConfig:
@@ -142,10 +154,31 @@ def section(prefix: str, logged: dict) -> dict:
     return {k.split("/", 1)[1]: float(v) for k, v in logged.items() if k.startswith(prefix + "/")}
 
 
+def global_rank() -> int:
+    """This process's rank in a distributed run (0 outside one), as Lightning set it."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """``values`` summed over the ranks of the initialised process group (unchanged outside
+    one). A collective: every rank must call it, in the same order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def finish_run(run_dir: Path, metrics: dict, loggers: list) -> dict:
-    """Write ``metrics.json`` and hand its numbers to the loggers (as ``final/...``)."""
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
-    (run_dir / "failed.json").unlink(missing_ok=True)  # a stale one from an earlier attempt
+    """Write ``metrics.json`` (global rank 0 only: every rank of a DDP run gets here) and hand its
+    numbers to the loggers (as ``final/...``; Lightning's loggers log on rank 0 only)."""
+    if global_rank() == 0:
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=str))
+        (run_dir / "failed.json").unlink(missing_ok=True)  # a stale one from an earlier attempt
     for lg in loggers:
         lg.log_metrics({f"final/{k}": v for k, v in flat(metrics).items()})
         lg.finalize("success")

@@ -15,13 +15,16 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning 2.6 on torch 2.13, harmless
 warnings.filterwarnings("ignore", message=".*anonymous setting has no effect.*")
+# DDP: the metrics logged at epoch end are computed over every rank's data already (torchmetrics
+# gathers their states), so Lightning's advice to add sync_dist=True does not apply
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, forward_flops,
-                      resume_checkpoint, section, start_run)
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, compile_in_place, failure_recorded, finish_run,
+                      forward_flops, resume_checkpoint, section, start_run)
 
 
 def oracle_metrics(split_dir: Path) -> dict | None:
@@ -56,7 +59,10 @@ def item_slices(meta: dict, spec: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Prepare data, fit, reload the best checkpoint, test; write and return ``metrics.json``."""
+    """Prepare data, fit, reload the best checkpoint, test; write and return ``metrics.json``.
+
+    Under a DDP trainer preset (``trainer=ddp``, ``trainer=ddp_cpu``) every rank runs this whole
+    function (Lightning launches the other ranks at ``fit``); rank 0 writes ``metrics.json``."""
     from hydra.utils import instantiate
 
     from ctr.module import CTRModule
@@ -72,12 +78,14 @@ def train(cfg: DictConfig) -> dict:
     if describe is not None:
         meta["source_config"] = describe()
     model = instantiate(cfg.model, _convert_="all")(meta=meta)
+    dm.setup()
+    flops = forward_flops(model, next(iter(dm.train_dataloader())))  # eager, before any compile
+    compiled = compile_in_place(model, cfg)
     spec = OmegaConf.to_container(cfg.slices, resolve=True) if cfg.get("slices") else {}
     slices, slice_info = item_slices(meta, spec)
     module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices, **cfg.optim)
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
     n_train = dm.n_train
-    flops = forward_flops(model, next(iter(dm.train_dataloader())))
 
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=resume_checkpoint(cfg, run_dir))
@@ -113,6 +121,8 @@ def train(cfg: DictConfig) -> dict:
         "data_build_seconds": meta.get("prepare_seconds"),  # raw files -> tensors, when it was built
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "compiled": compiled,
+        "world_size": trainer.world_size,  # DDP ranks (train_samples counts all of them)
         "checkpoint": best,
         "wall_seconds": time.perf_counter() - t_start,
     }

@@ -4,6 +4,15 @@ A source's ``load(image_size, cache_dir)`` returns an :class:`ItemSet` and, wher
 visual-search traffic, a :class:`ClickLog`. The data module turns them into training batches
 (:class:`TaskBatches`), evaluation chunks (every item of the split to embed) and the evaluation
 spec the module scores them with (image search queries and titles).
+
+Distributed (a trainer with ``world_size > 1``; the trainer presets set
+``use_distributed_sampler: false``): ``batch_size`` (and ``product_pairs``) is the *global*
+batch. Every rank draws the same multi-task batch of a step (the generator is seeded by seed,
+epoch and step) and keeps its own contiguous share of each task's rows (:class:`RankShare`); the
+losses gather the embeddings over the ranks with gradient, so the in-batch negatives span the
+global batch and a DDP step equals the single-process step on it. Each task's rows must split
+evenly over the ranks. Evaluation is not sharded: every rank embeds every item of the split and
+computes the same retrieval metrics (item sets here are small; the training is what scales).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from ctr.data.datamodule import RankSharding
 from encoders.data import ClickLog, ItemSet, TaskBatches, hm_items, items_from_table
 from encoders.evaluate import SearchQueries, same_group_queries
 
@@ -99,15 +109,68 @@ class EvalChunks(torch.utils.data.Dataset):
         return out
 
 
-class ContrastiveDataModule(pl.LightningDataModule):
+ROLES = ("items", "query", "positive", "negatives", "anchor", "partner")  # per-task index tensors
+
+
+def rank_share(batch: dict, rank: int, world: int) -> dict:
+    """Rank ``rank``'s share of a global multi-task batch (:class:`encoders.data.TaskBatches`):
+    the contiguous ``1 / world`` of every role's rows (and of the title tokens, which follow
+    ``items``), with ``images``/``rows``/``keys`` cut down to the distinct images those rows use
+    and the roles re-indexed into them. Concatenating the ranks' shares in rank order gives the
+    global batch's rows back."""
+    unknown = set(batch) - {*ROLES, "tokens", "images", "rows", "keys"}
+    if unknown:
+        raise KeyError(f"rank_share: unknown batch entries {sorted(unknown)}")
+    parts = {}
+    for k in ROLES:
+        if k in batch:
+            n = batch[k].shape[0]
+            if n % world:
+                raise ValueError(f"{k}: {n} rows of the global batch do not split evenly over {world} ranks "
+                                 f"(the contrastive losses need equal shares): choose a batch size divisible by it")
+            parts[k] = slice(n // world * rank, n // world * (rank + 1))
+    roles = {k: batch[k][sl] for k, sl in parts.items()}
+    uniq, inv = torch.unique(torch.cat([r.reshape(-1) for r in roles.values()]), return_inverse=True)
+    out = {"images": batch["images"][uniq], "rows": batch["rows"][uniq], "keys": batch["keys"][uniq]}
+    if "tokens" in batch:
+        out["tokens"] = {k: v[parts["items"]] for k, v in batch["tokens"].items()}
+    at = 0
+    for k, r in roles.items():
+        out[k] = inv[at:at + r.numel()].reshape(r.shape)
+        at += r.numel()
+    return out
+
+
+class RankShare(torch.utils.data.Dataset):
+    """This rank's share (:func:`rank_share`) of every global batch of ``batches``."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, step: int) -> dict:
+        return rank_share(self.batches[step], self.rank, self.world)
+
+
+class ContrastiveDataModule(RankSharding, pl.LightningDataModule):
     """Loads a source once (``setup``), tokenises titles once, serves task batches and evaluation
-    chunks. ``tokenize`` is the text tower's tokenizer (None without a text tower)."""
+    chunks. ``tokenize`` is the text tower's tokenizer (None without a text tower).
+
+    ``batch_size`` and ``product_pairs`` are global: under DDP each rank gets its share (see the
+    module docstring). ``pin_memory``: page-locked batches for asynchronous copies to the GPU;
+    ``None`` pins when the trainer's device is a CUDA GPU."""
 
     def __init__(self, source, tasks: dict[str, float], image_size: int = 64, batch_size: int = 64,
                  n_shown: int = 4, n_category: int = 4, product_pairs: int | None = None,
                  steps_per_epoch: int | None = None, eval_batch_size: int = 256,
-                 cache_dir: str | None = None, seed: int = 0, tokenize=None):
+                 cache_dir: str | None = None, seed: int = 0, tokenize=None, pin_memory: bool | None = None):
         super().__init__()
+        self.pin_memory = pin_memory
         self.source, self.tasks = source, {k: float(v) for k, v in tasks.items()}
         self.image_size, self.batch_size = image_size, batch_size
         self.n_shown, self.n_category, self.steps_per_epoch = n_shown, n_category, steps_per_epoch
@@ -141,11 +204,17 @@ class ContrastiveDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # a resumed run's first epoch; the module's epoch hook sets later ones
             ds.set_epoch(trainer.current_epoch)
-        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+        rank, world = self._distributed()
+        if world > 1:
+            ds = RankShare(ds, rank, world)
+        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0,
+                                           pin_memory=self._pin())
 
     def _eval(self, split: str):
+        self._distributed()  # the same check; every rank evaluates the whole split
         ds = EvalChunks(self.spec[split]["rows"], self.images, self.tokens, self.eval_batch_size)
-        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0,
+                                           pin_memory=self._pin())
 
     def val_dataloader(self):
         return self._eval("val")

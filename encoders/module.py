@@ -15,6 +15,12 @@ items for ``click``), so the number of negatives is a knob apart from the batch 
 ``matryoshka_dims`` trains every listed prefix of the embedding as well (each re-normalised), so
 a prefix can serve at lower cost.
 
+Distributed (DDP): each rank encodes its share of the global batch
+(:class:`encoders.datamodule.RankShare`); the losses gather the embeddings over the ranks with
+gradient (:func:`encoders.losses.gather_with_grad`), so the in-batch negatives span the global
+batch. The ``seen`` counters count the global batch (examples summed over the ranks, in-batch
+negatives of the gathered batch), as does ``perf/samples_per_s``.
+
 A training batch (see :class:`encoders.data.TaskBatches`) carries every distinct image once; each
 is augmented and encoded once per step (the self-supervised task's second view aside).
 """
@@ -30,11 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctr.optim import warmup_cosine
-from ctr.runs import fitting
+from ctr.runs import all_sum, fitting
 from encoders.data import TASKS
 from encoders.evaluate import image_text_recall, search_recall
 from encoders.images import BatchAugment, to_float
-from encoders.losses import EmbeddingQueue, InfoNCE, LogitScale, NTXent, matryoshka_slices
+from encoders.losses import EmbeddingQueue, InfoNCE, LogitScale, NTXent, matryoshka_slices, rank_and_world
 from encoders.towers import ProjectionHead
 
 
@@ -138,7 +144,8 @@ class ContrastiveModule(pl.LightningModule):
             z2 = self.embed_images(self.augment(batch["images"][rows]))
             losses = [self.nt_xent(a, b, scale, keys=keys[rows])
                       for a, b in zip(matryoshka_slices(z1, self.dims), matryoshka_slices(z2, self.dims))]
-            self._count(task, len(rows), 2 * len(rows) - 2)
+            world = rank_and_world()[1]  # NT-Xent contrasts the gathered views of every rank's rows
+            self._count(task, len(rows), 2 * len(rows) * world - 2)
             return torch.stack(losses).mean(), logs
         if task == "image_text":
             rows = batch["items"]
@@ -168,15 +175,17 @@ class ContrastiveModule(pl.LightningModule):
         if queue is not None:
             queue.enqueue(p.detach(), pk)
         n_hard = 0 if hard is None else (hard.shape[1] if hard.dim() == 3 else hard.shape[0])
-        self._count(task, len(q), len(p) - 1 + (len(qe) if qe is not None else 0) + n_hard)
+        in_batch = len(p) * rank_and_world()[1] - 1  # the positives gathered over the ranks
+        self._count(task, len(q), in_batch + (len(qe) if qe is not None else 0) + n_hard)
         return torch.stack(losses).mean(), logs
 
     def _count(self, task: str, examples: int, negatives: int) -> None:
         """Training examples seen and the negatives each query was contrasted with (in-batch,
-        queue and hard negatives; before false-negative masking)."""
+        queue and hard negatives; before false-negative masking). Under DDP ``examples`` is this
+        rank's share, which is the same on every rank (the losses need equal shares)."""
         if self.training:
             c = self.seen[task]
-            c["examples"] += int(examples)
+            c["examples"] += int(examples) * rank_and_world()[1]
             c["negatives"] += float(negatives)
             c["steps"] += 1
 
@@ -208,7 +217,8 @@ class ContrastiveModule(pl.LightningModule):
             x = self.augment(images)
             t_aug = time.perf_counter() - t0
             emb = self.embed_images(x)
-        self.images_seen += int(images.shape[0])
+        (n_images,) = all_sum([images.shape[0]], self.device)  # images encoded by every rank
+        self.images_seen += int(n_images)
         total = 0.0
         n = _batch_samples(batch)
         for task, w in self.tasks.items():
@@ -232,7 +242,7 @@ class ContrastiveModule(pl.LightningModule):
         now = time.perf_counter()
         step = now - self._t_step
         data = self._t_step - self._t_end if self._t_end is not None else 0.0
-        n = _batch_samples(batch)
+        n = _batch_samples(batch) * rank_and_world()[1]  # the global batch (equal shares)
         self.log("perf/step_time", step, on_step=True, on_epoch=True, batch_size=1)
         # throughput over the whole iteration: loading the batch plus the step
         self.log("perf/samples_per_s", n / max(step + data, 1e-9), on_step=True, on_epoch=True,

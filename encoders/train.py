@@ -22,14 +22,17 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*anonymous setting has no effect.*")
+# DDP: the metrics logged at epoch end are computed over every rank's data already (torchmetrics
+# gathers their states), so Lightning's advice to add sync_dist=True does not apply
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")  # frozen tower parts
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
-from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, forward_flops,
-                      resume_checkpoint, section, start_run)
+from ctr.runs import (best_checkpoint, best_epoch, build_trainer, compile_in_place, failure_recorded, finish_run,
+                      forward_flops, resume_checkpoint, section, start_run)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -85,6 +88,9 @@ def train(cfg: DictConfig) -> dict:
                      _convert_="all")
     dm.setup()
     data_s = time.perf_counter() - t0
+    flops = forward_flops(module, dm.images[:8], call=module.eval_images)  # eager, before any compile
+    # cfg.compile: the towers, in place (nn.Module.compile: the state_dict keys are unchanged)
+    compiled = any([compile_in_place(t, cfg) for t in (image_tower, text_tower) if t is not None])
     module.evaluation = dm.evaluation
 
     epoch_export = EpochExport(dm, cfg.paths.embeddings_dir, run_dir) if cfg.get("export_epochs") else None
@@ -102,7 +108,6 @@ def train(cfg: DictConfig) -> dict:
     test = section("test", trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0])
 
     seen = module.seen_summary()
-    flops = forward_flops(module, dm.images[:8], call=module.eval_images)
     emb_path, emb_fp, reused = export_items(module, dm, cfg.paths.embeddings_dir, run_dir=str(run_dir),
                                             experiment=cfg.get("name"), seed=cfg.seed)
     metrics = {
@@ -125,6 +130,8 @@ def train(cfg: DictConfig) -> dict:
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in module.parameters()),
         "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "compiled": compiled,
+        "world_size": trainer.world_size,  # DDP ranks (tokens_seen counts all of them)
         "tokens_seen": seen["tokens"],  # training examples (pairs; items for self_supervised), all tasks
         "seen": seen,
         "flops_per_image": flops,  # forward, image tower + head at image_size; a training step ~3x

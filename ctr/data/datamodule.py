@@ -1,4 +1,21 @@
-"""Lightning DataModule over a prepared artefact: batches by index slicing over a shuffled index."""
+"""Lightning DataModule over a prepared artefact: batches by index slicing over a shuffled index.
+
+Distributed (a trainer with ``world_size > 1``, e.g. ``trainer=ddp_cpu`` or ``trainer=ddp``): the
+data module shards its batches itself (the trainer presets set ``use_distributed_sampler: false``,
+so that Lightning does not put a ``DistributedSampler`` in their place):
+
+* training: ``batch_size`` is the *global* batch. Every rank draws the same permutation (the same
+  ``seed``) and takes its own contiguous share of each global batch, ``batch_size / world_size``
+  rows (``batch_size`` must be divisible by the world size), so that the ranks' batches of a step
+  are disjoint and together are the single-process batch. With DDP's gradient averaging, a step
+  then equals the single-process step on the same global batch (the loss is a mean over equal
+  shares). The last, partial batch of an epoch (``drop_last=False``) is split as evenly as it
+  goes (its gradient is then the mean of unequal shares' means) and dropped on every rank when it
+  has fewer rows than ranks.
+* evaluation: each rank evaluates a contiguous ``1 / world_size`` of each split (no padding, no
+  duplicates); the metrics (``ctr.metrics``, torchmetrics with ``cat``/``sum`` states) gather
+  their states over the ranks when computed, so every rank logs the metrics of the whole split.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +23,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl_
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
-from ctr.data.batch import TensorStore
+from ctr.data.batch import Batch, TensorStore
 from ctr.data.prepare import Artefact, PrepareSettings, Source, prepare
 
 
@@ -29,7 +46,68 @@ class _Rows(torch.utils.data.Dataset):
         return self.store[self.index[torch.as_tensor(idx, dtype=torch.long)]]
 
 
-class CTRDataModule(pl_.LightningDataModule):
+class RankBatches(Sampler):
+    """Rank ``rank``'s share of every batch of ``batches`` (global batches, the same on every rank):
+    its contiguous slice ``[n * rank // world, n * (rank + 1) // world)`` of a batch of ``n`` rows.
+    A batch with fewer rows than ranks (only an epoch's last, partial batch can be one) is skipped
+    on every rank, so that all ranks take the same number of steps."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for idx in self.batches:
+            n = len(idx)
+            if n >= self.world:
+                yield idx[n * self.rank // self.world:n * (self.rank + 1) // self.world]
+
+    def __len__(self) -> int:
+        b = self.batches
+        last = len(b.sampler) % b.batch_size  # rows of the last, partial batch (0: none)
+        return len(b) - int(not b.drop_last and 0 < last < self.world)
+
+
+class EvalShard(Sampler):
+    """Batches of ``batch_size`` rows over rank ``rank``'s contiguous ``1 / world`` of ``n`` rows
+    (in order; every rank has at least one row when ``n >= world``)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.lo, self.hi, self.batch_size = n * rank // world, n * (rank + 1) // world, batch_size
+
+    def __iter__(self):
+        for s in range(self.lo, self.hi, self.batch_size):
+            yield list(range(s, min(s + self.batch_size, self.hi)))
+
+    def __len__(self) -> int:
+        return -(-(self.hi - self.lo) // self.batch_size)
+
+
+class RankSharding:
+    """For the data modules that shard batches over DDP ranks themselves: the attached trainer's
+    (rank, world size), and whether to pin host memory (``self.pin_memory``: None = on a GPU)."""
+
+    def _distributed(self) -> tuple[int, int]:
+        """(global rank, world size) of the attached trainer ((0, 1) without one)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # the presets set use_distributed_sampler: false; Lightning would otherwise replace the
+        # batch sampler by a DistributedSampler over single rows
+        if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise ValueError(f"{type(self).__name__} shards its batches over the ranks itself: set "
+                             "trainer.use_distributed_sampler=false (the trainer presets do)")
+        return trainer.global_rank, trainer.world_size
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
+class CTRDataModule(RankSharding, pl_.LightningDataModule):
     """Prepares ``source`` with ``settings`` (once, cached by fingerprint) and serves its splits.
 
     ``eval_splits`` lists the splits evaluated at test time (``test`` plus e.g. ``test_random``).
@@ -39,11 +117,16 @@ class CTRDataModule(pl_.LightningDataModule):
     ``"random"`` (a fixed permutation drawn from ``subset_seed``, so that smaller subsets are
     nested in larger ones and every training seed sees the same impressions) or ``"latest"`` (the
     most recent ones, next to the validation period). Histories still come from the whole log.
+
+    ``batch_size`` is the global training batch: under DDP each of the ``W`` ranks trains on
+    ``batch_size / W`` rows of it (see the module docstring). ``pin_memory``: page-locked batches
+    for faster, asynchronous host-to-GPU copies; ``None`` (the default) pins when the trainer's
+    device is a CUDA GPU.
     """
 
     def __init__(self, source: Source, settings: PrepareSettings, cache_dir: str | Path,
                  batch_size: int = 1024, eval_batch_size: int = 8192, in_memory: bool = True,
-                 eval_splits: tuple[str, ...] = ("test",), pin_memory: bool = False,
+                 eval_splits: tuple[str, ...] = ("test",), pin_memory: bool | None = None,
                  drop_last: bool = False, seed: int = 0, train_samples: int | float | None = None,
                  train_subset: str = "random", subset_seed: int = 0):
         super().__init__()
@@ -101,15 +184,33 @@ class CTRDataModule(pl_.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         store = self.stores[split]
+        rank, world = self._distributed()
         if train and self.train_index is not None:
             store = _Rows(store, self.train_index)
         if train:
-            g = torch.Generator().manual_seed(self.seed)
+            if self.batch_size % world:
+                raise ValueError(f"batch_size={self.batch_size} (the global batch) is not divisible by the "
+                                 f"{world} ranks of the trainer")
+            g = torch.Generator().manual_seed(self.seed)  # the same permutation on every rank
             sampler = BatchSampler(RandomSampler(store, generator=g), self.batch_size, self.drop_last)
+            if world > 1:
+                sampler = RankBatches(sampler, rank, world)
+        elif world > 1:
+            if 0 < len(store) < world:
+                raise ValueError(f"split {split!r} has {len(store)} rows, fewer than the {world} ranks")
+            sampler = EvalShard(len(store), self.eval_batch_size, rank, world)
         else:
             sampler = BatchSampler(SequentialSampler(store), self.eval_batch_size, False)
         return DataLoader(store, sampler=sampler, batch_size=None, collate_fn=_identity,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self._pin())
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Lightning's hook: a ``Batch`` goes to a GPU with non-blocking copies (asynchronous from
+        pinned memory). Lightning's own transfer passes ``non_blocking`` to bare tensors only, not to
+        objects with a ``.to()`` such as ``Batch``."""
+        if isinstance(batch, Batch):
+            return batch.to(device, non_blocking=torch.device(device).type not in ("cpu", "mps"))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
