@@ -45,6 +45,10 @@ def run_one(preset: str, seed: int, out: Path, overrides: list[str]) -> None:
     metrics = train(cfg)
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    if torch.cuda.is_available():
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (out / "bench.json").write_text(json.dumps(metrics, default=str))
 
 
