@@ -216,6 +216,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    from ctr.malloc import tune_malloc
+
+    tune_malloc()  # as the training entry points do
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"measured fp32 matmul {peak:,.0f} GFLOP/s")
