@@ -6,7 +6,7 @@
 For whoever has a GPU (it refuses to run without CUDA). Each (preset, batch size, precision) is a
 fresh process through the real Hydra config with ``trainer=gpu`` (pinned host memory,
 non-blocking copies), the target attention on the padded grid (``model.sequence.pack=false``:
-no data-dependent shapes, no host sync per step) and an evaluation batch of at least the training
+no data-dependent shapes) and an evaluation batch of at least the training
 batch. The learning rate is left as configured: at very large batches the AUC column shows what
 that costs, the samples/s column is the point. Prints one table; ``--out`` keeps the run folders.
 """

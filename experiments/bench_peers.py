@@ -12,7 +12,8 @@ of this project's runs builds its data from the raw files into an empty cache.
 
 Both systems' test metrics come from the same code (``ctr.metrics`` on their test predictions),
 and the peer's preprocessed split is checked against this project's (same labels in every split,
-same test targets and histories) before any number is printed. ``make bench`` builds
+same test histories, same test targets among those seen in training) before any number is printed.
+``--peer-malloc-tuning`` gives the peer this project's allocator settings too (ctr/malloc.py). ``make bench`` builds
 ``.venv-peers`` (deepctr-torch 0.3.0 over the pinned torch) and runs this.
 """
 
@@ -58,11 +59,18 @@ def run_ours(seed: int, out: Path, overrides: list[str]) -> dict:
             "artefact": m["data_path"]}
 
 
-def run_peer(python: str, seed: int, out: Path) -> dict:
+def run_peer(python: str, seed: int, out: Path, malloc_tuning: bool = False) -> dict:
+    """The peer in its own environment; ``malloc_tuning`` hands it this project's allocator
+    settings (ctr/malloc.py) through glibc's MALLOC_* variables."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [python, str(PEER_SCRIPT), "--data", str(data_dir()), "--seed", str(seed), "--out", str(out)]
+    env = dict(os.environ)
+    if malloc_tuning:
+        from ctr.malloc import SETTINGS
+
+        env.update({var: str(value) for value, var in SETTINGS.values()})
     with open(out / "stdout.log", "w") as log:
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     r = json.loads((out / "result.json").read_text())
     check = np.load(out / "split_check.npz")
     pred = np.load(out / "test_pred.npy")
@@ -85,7 +93,8 @@ def score(pred: np.ndarray, label: np.ndarray, groups: np.ndarray) -> dict:
 
 def check_same_split(artefact: Path, peer_out: Path) -> str:
     """Raise unless the peer's preprocessing produced this project's split: the same labels in
-    every split, and the same test targets and histories (as raw item ids)."""
+    every split, the same test history lengths and histories (as raw item ids; items unseen in
+    training are out-of-vocabulary on both sides) and the same test targets seen in training."""
     import polars as pl
 
     peer = np.load(peer_out / "split_check.npz")
@@ -164,6 +173,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     ap.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp dir)")
+    ap.add_argument("--peer-malloc-tuning", action="store_true",
+                    help="give the peer this project's allocator settings too (ctr/malloc.py; off: as its users run it)")
     args = ap.parse_args(argv)
     if not Path(args.peer_python).exists():
         raise SystemExit(f"{args.peer_python} not found: `make bench` builds .venv-peers")
@@ -176,7 +187,7 @@ def main() -> None:
             if system == "ours":
                 ours.append(run_ours(seed, out / f"ours-{seed}", overrides))
             else:
-                peer.append(run_peer(args.peer_python, seed, out / f"peer-{seed}"))
+                peer.append(run_peer(args.peer_python, seed, out / f"peer-{seed}", args.peer_malloc_tuning))
             r = (ours if system == "ours" else peer)[-1]
             print(f"seed {seed} {system}: AUC {r['auc']:.4f}, {r['train_samples_per_s']:,.0f} samples/s",
                   file=sys.stderr, flush=True)
@@ -188,7 +199,8 @@ def main() -> None:
     import torch
 
     print(f"ML100K-CTR v1, {len(args.seeds)} seeds, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {checked}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {checked}; "
+          f"peer allocator: {'this project' + chr(39) + 's settings' if args.peer_malloc_tuning else 'glibc default'}")
     print()
     print(table(ours, peer))
     print()

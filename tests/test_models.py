@@ -70,6 +70,23 @@ def test_bf16_attention_unit_is_close_and_keeps_float32_weights(pack):
         TargetAttention(8, unit_precision="fp8")
 
 
+def test_dice_trains_on_a_single_row_and_outer_autocast_reaches_the_unit():
+    att = TargetAttention(4, [8], act="dice", pack=True).train()
+    q, k = torch.randn(2, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, False], [False, False, False]])  # one real history item
+    out = att(q, k, mask)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert Dice(3).train()(torch.randn(1, 3)).shape == (1, 3)
+    # unit_precision "32" leaves an outer autocast (the trainer's bf16-mixed) in force
+    seen = []
+    hook = att.rest.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        att.eval()(q, torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    hook.remove()
+    assert seen == [torch.bfloat16]
+
+
 def test_packed_ctr_model_equals_padded(tiny_sim):
     """The model's packed path (history embedded only where it is real) gives the padded path's
     logits and parameter gradients."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,8 +44,11 @@ class Dice(nn.Module):
         # with its backward through the statistics: about twice as fast as composing it from
         # var_mean and element-wise ops); running estimates as batch norm keeps them
         flat = x.reshape(-1, x.shape[-1])
-        z = F.batch_norm(flat, self.running_mean, self.running_var, None, None, self.training,
-                         self.momentum, self.eps)
+        if self.training and flat.shape[0] < 2:  # one row (a packed history of one item, a last
+            z = torch.zeros_like(flat)  # batch of one): x - mean(x) = 0; no statistics to keep
+        else:
+            z = F.batch_norm(flat, self.running_mean, self.running_var, None, None, self.training,
+                             self.momentum, self.eps)
         gate = torch.addcmul(self.alpha, torch.sigmoid(z), 1 - self.alpha)  # alpha + p (1 - alpha)
         return x * gate.reshape(x.shape)
 
@@ -143,8 +147,11 @@ class TargetAttention(nn.Module):
         return self.pack
 
     def _unit(self, device: torch.device):
-        """The autocast context of the unit (a no-op unless ``unit_precision="bf16"``)."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 autocast for the unit when ``unit_precision="bf16"``; otherwise nothing changes (an
+        outer autocast, e.g. the trainer's bf16-mixed, stays in force)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def _packed_scores(self, query: Tensor, k: Tensor, row: Tensor) -> Tensor:
         """Raw scores [M] (float32) of packed keys ``k`` [M, D], ``row`` [M] their batch rows."""
