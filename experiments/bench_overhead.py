@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 import ctr  # noqa: F401,E402  (torchvision hook)
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def lightning_step_time(module, dm, warm: int, steps: int) -> float:
     return clock.per_step
 
 
-def bare_step_time(loader, loss_fn, params, opt, warm: int, steps: int) -> dict:
+def bare_step_time(loader, loss_fn, opt, warm: int, steps: int) -> dict:
     """Seconds per step of a plain loop, split into data / forward / backward / optimiser."""
     it = iter(loader)
     split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimiser": 0.0}
@@ -118,7 +118,7 @@ def compare(make, warm: int, steps: int, rounds: int = 2) -> dict:
         module0.train()
         opt = module0.configure_optimizers()
         opt = opt["optimizer"] if isinstance(opt, dict) else opt
-        bare.append(bare_step_time(dm.train_dataloader(), loss_fn, list(module0.parameters()), opt, warm, steps))
+        bare.append(bare_step_time(dm.train_dataloader(), loss_fn, opt, warm, steps))
         module0.load_state_dict(init)
         light.append(lightning_step_time(module0, dm, warm, steps))
     b = min(bare, key=lambda s: sum(s.values()))
@@ -126,7 +126,7 @@ def compare(make, warm: int, steps: int, rounds: int = 2) -> dict:
     return {"split": b, "bare": tb, "lightning": tl, "overhead": (tl - tb) / tb, "samples": n, "flops": flops}
 
 
-def make_ctr(threads: int | None):
+def make_ctr():
     from hydra.utils import instantiate
 
     from ctr.module import CTRModule
@@ -163,7 +163,7 @@ def make_encoder(size: int):
     tower = instantiate(cfg.image, _convert_="all")
     tasks = {"self_supervised": 1.0}
     module = ContrastiveModule(tower, None, tasks=tasks, image_size=size,
-                               **{k: v for k, v in OmegaConf.to_container(cfg.module, resolve=True).items()},
+                               **OmegaConf.to_container(cfg.module, resolve=True),
                                **OmegaConf.to_container(cfg.optim, resolve=True))
     module.evaluation = None
     dm = instantiate(cfg.data.module, tasks=tasks, image_size=size, cache_dir=cfg.paths.cache_dir, seed=0,
@@ -195,7 +195,7 @@ def decode_rates(sizes=(64, 128), n: int = 300) -> dict:
         t = time.perf_counter()
         arr = [decode_image(f, size) for f in files]
         dec = len(files) / (time.perf_counter() - t)
-        cache = torch.from_numpy(__import__("numpy").stack(arr))
+        cache = torch.from_numpy(np.stack(arr))
         idx = torch.randint(len(files), (64,))
         t = time.perf_counter()
         for _ in range(200):
@@ -225,7 +225,7 @@ def main() -> None:
     rows = {}
     for part in args.parts:
         if part == "ctr":
-            rows["CTR: DIN, ML100K, batch 1024"] = compare(lambda: make_ctr(None), args.warm, args.steps)
+            rows["CTR: DIN, ML100K, batch 1024"] = compare(make_ctr, args.warm, args.steps)
         elif part.startswith("enc"):
             size = int(part[3:])
             rows[f"contrastive: ResNet-18, {size} px, batch 64"] = compare(

@@ -125,11 +125,14 @@ COLS = [("test AUC", "auc", "{:.4f}"), ("test GAUC", "gauc", "{:.4f}"), ("test l
 
 
 def summarize(runs: list[dict]) -> dict:
+    """(mean, sd) over the runs per column; peak RSS: the largest run's."""
     out = {}
     for _, key, _ in COLS:
         vals = [r[key] for r in runs]
-        out[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-    out["peak_rss_mb"] = (max(r["peak_rss_mb"] for r in runs), 0.0)
+        if key == "peak_rss_mb":
+            out[key] = (max(vals), 0.0)
+        else:
+            out[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
     return out
 
 

@@ -27,7 +27,7 @@ def test_tuning_applies_keeps_user_settings_and_can_be_switched_off():
     assert _run(CTR_MALLOC_TUNING="0") == {}
 
 
-def test_training_entry_points_record_it(tmp_path):
+def test_training_entry_points_record_it():
     from ctr.runs import environment
 
     assert "malloc_tuning" in environment()

@@ -109,30 +109,27 @@ class PrepareSettings:
         def positive(v) -> bool:
             return isinstance(v, Integral) and not isinstance(v, bool) and v > 0
 
+        def per_feature(field_name: str, mapping: Mapping) -> dict[str, int]:
+            out = {}
+            for name, n in mapping.items():
+                if name not in known:
+                    raise ValueError(f"{field_name} names {name!r}, which is not a categorical feature "
+                                     f"(sparse, or the sequence's item_id and side features: {known})")
+                if field_name != "hash_buckets" and name in self.hash_buckets:
+                    raise ValueError(f"{field_name} names {name!r}, which is hashed (hash_buckets): "
+                                     f"a hashed feature has no vocabulary to cap")
+                if not positive(n):
+                    raise ValueError(f"{field_name}[{name!r}] must be a positive integer, got {n!r}")
+                out[name] = int(n)
+            return out
+
         if self.hash_buckets is None:
             self.hash_buckets = {}
         if not isinstance(self.hash_buckets, Mapping):
             raise ValueError(f"hash_buckets must be {{feature: buckets}}, got {self.hash_buckets!r}")
-        self.hash_buckets = dict(self.hash_buckets)
-        for name, n in self.hash_buckets.items():
-            if name not in known:
-                raise ValueError(f"hash_buckets names {name!r}, which is not a categorical feature "
-                                 f"(sparse, or the sequence's item_id and side features: {known})")
-            if not positive(n):
-                raise ValueError(f"hash_buckets[{name!r}] must be a positive integer, got {n!r}")
-            self.hash_buckets[name] = int(n)
+        self.hash_buckets = per_feature("hash_buckets", self.hash_buckets)
         if isinstance(self.max_vocab, Mapping):
-            self.max_vocab = dict(self.max_vocab)
-            for name, k in self.max_vocab.items():
-                if name not in known:
-                    raise ValueError(f"max_vocab names {name!r}, which is not a categorical feature "
-                                     f"(sparse, or the sequence's item_id and side features: {known})")
-                if name in self.hash_buckets:
-                    raise ValueError(f"max_vocab names {name!r}, which is hashed (hash_buckets): "
-                                     f"a hashed feature has no vocabulary to cap")
-                if not positive(k):
-                    raise ValueError(f"max_vocab[{name!r}] must be a positive integer, got {k!r}")
-                self.max_vocab[name] = int(k)
+            self.max_vocab = per_feature("max_vocab", self.max_vocab)
         elif self.max_vocab is not None:
             if not positive(self.max_vocab):
                 raise ValueError(f"max_vocab must be a positive integer, {{feature: K}} or null, "
@@ -276,13 +273,11 @@ def stable_hash(value, buckets: int) -> int:
 def _hash_encode(values: pl.Series, train_values: pl.Series, buckets: int) -> tuple[np.ndarray, pl.DataFrame]:
     """Codes 2 + stable_hash(value) (nulls: 1), hashing each distinct value once, and the table of
     the train values (value, count, index: their code), most frequent first, for vocab/<name>.parquet."""
-    name = values.name
     uniq = values.drop_nulls().unique()
     codes = pl.Series([2 + stable_hash(v, buckets) for v in uniq.to_list()], dtype=pl.Int32)
     encoded = values.replace_strict(uniq, codes, default=1, return_dtype=pl.Int32).fill_null(1)
-    table = (train_values.drop_nulls().value_counts(name="count")
-             .sort(["count", name], descending=[True, False]))
-    table = table.with_columns(table[name].replace_strict(uniq, codes, return_dtype=pl.Int32).alias("index"))
+    table = _fit_vocab(train_values, 1)  # the train values, most frequent first; their codes as index
+    table = table.with_columns(table[values.name].replace_strict(uniq, codes, return_dtype=pl.Int32).alias("index"))
     return encoded.to_numpy(), table
 
 
@@ -371,7 +366,7 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     seq_side = list(s.sequence.side) if s.sequence is not None else []
     train_rows = pl.Series(is_train)
     # one encoding per feature: the sequence's item_id / side features reuse the target's codes
-    for name in dict.fromkeys([*s.sparse, *(["item_id"] if s.sequence else []), *seq_side]):
+    for name in s.categorical():
         if name in s.hash_buckets:
             n = s.hash_buckets[name]
             codes[name], vocab = _hash_encode(df[name], df[name].filter(train_rows), n)

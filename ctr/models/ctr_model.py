@@ -124,8 +124,6 @@ class CTRModel(nn.Module):
         if self.sequence is not None and not packed:
             ids.update({f"hist.{n}": batch.seq[n] for n in self.seq_names})
         emb = self.embedding.lookup(ids)  # one call for every table (one KJT with torchrec)
-        if packed:
-            return self._packed_features(batch, emb)
         if vis is not None:
             v_t = vis.vectors(batch.refs["item_id"])
             emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
@@ -133,19 +131,23 @@ class CTRModel(nn.Module):
         sim = mask = None
         if self.sequence is not None:
             query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
-            hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
             mask = sequence_mask(batch.seq_len, batch.seq[self.seq_names[0]].shape[1])
-            bias = None
-            if vis is not None:
-                v_h = vis.vectors(batch.refs["hist.item_id"])
-                if "item_id" in hk:
-                    hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
-                sim = vis.similarity(v_t, v_h, mask)
-                bias = vis.attention_bias(sim)
-            keys = torch.cat([hk[n] for n in self.seq_names], dim=-1)
-            parts.append(self.sequence(query, keys, mask) if bias is None else self.sequence(query, keys, mask, bias=bias))
+            if packed:
+                parts.append(self._pool_packed(batch, query, mask))
+            else:
+                hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
+                bias = None
+                if vis is not None:
+                    v_h = vis.vectors(batch.refs["hist.item_id"])
+                    if "item_id" in hk:
+                        hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
+                    sim = vis.similarity(v_t, v_h, mask)
+                    bias = vis.attention_bias(sim)
+                keys = torch.cat([hk[n] for n in self.seq_names], dim=-1)
+                parts.append(self.sequence(query, keys, mask) if bias is None
+                             else self.sequence(query, keys, mask, bias=bias))
             if self.length_feature:  # log history length, scaled to [0, 1]
-                n = batch.seq_len.to(keys.dtype).clamp_min(0)
+                n = batch.seq_len.to(query.dtype).clamp_min(0)
                 parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
         if vis is not None:
             f = vis.features(batch, v_t, sim, mask)
@@ -154,22 +156,14 @@ class CTRModel(nn.Module):
         x = self.embedding_dropout(torch.cat(parts, dim=-1))
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
-    def _packed_features(self, batch: Batch, emb: dict[str, Tensor]) -> Tensor:
-        """:meth:`features` when the sequence arch takes packed history items (no visual arch)."""
-        parts = [emb[n] for n in self.sparse_names]
-        query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
-        first = batch.seq[self.seq_names[0]]
-        mask = sequence_mask(batch.seq_len, first.shape[1])
+    def _pool_packed(self, batch: Batch, query: Tensor, mask: Tensor) -> Tensor:
+        """The pooled history [B, D] from the real history items only: they are embedded ([M, D],
+        M the sum of the lengths) and handed to the sequence arch's ``forward_packed``."""
         pos = mask.reshape(-1).nonzero().squeeze(1)
         hk = self.embedding.lookup({f"hist.{n}": batch.seq[n].reshape(-1).index_select(0, pos)
                                     for n in self.seq_names})
-        keys = torch.cat([hk[f"hist.{n}"] for n in self.seq_names], dim=-1)  # [M, D]
-        parts.append(self.sequence.forward_packed(query, keys, pos, tuple(first.shape)))
-        if self.length_feature:
-            n = batch.seq_len.to(keys.dtype).clamp_min(0)
-            parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
-        x = self.embedding_dropout(torch.cat(parts, dim=-1))
-        return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
+        keys = torch.cat([hk[f"hist.{n}"] for n in self.seq_names], dim=-1)
+        return self.sequence.forward_packed(query, keys, pos, tuple(mask.shape))
 
     def forward(self, batch: Batch) -> Tensor:
         logit = self.over(self.features(batch)).squeeze(-1)
