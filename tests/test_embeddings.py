@@ -134,7 +134,7 @@ def test_max_vocab_keeps_the_k_most_frequent(tmp_path):
 def test_new_options_keep_old_fingerprints_and_change_them_when_set():
     base = PrepareSettings(sparse=["user_id", "item_id"])
     old = asdict(base)
-    del old["max_vocab"], old["hash_buckets"]  # the settings as they were before these options
+    del old["max_vocab"], old["hash_buckets"], old["bad_rows"]  # the settings before these options
     import json
 
     from ctr.data.prepare import PREPARE_VERSION

@@ -7,12 +7,18 @@ event's behaviour sequence from the same user's *strictly earlier* events, and w
 file per column and split, plus ``meta.json`` (the feature map) and the vocabularies. The folder is
 named by a fingerprint of the source and the settings and is reused when neither changed. Nothing
 here loops over rows in Python (hashing runs once per distinct value).
+
+Rows that break the data contract (see :mod:`ctr.data.contract`) stop preparation with an error
+naming the file, column and rows, or, with ``PrepareSettings.bad_rows = "drop"``, are dropped and
+counted per file and ``"<column>: <reason>"`` in ``meta.json``'s ``repairs`` (logged as a warning
+by the ``ctr.data`` logger, and copied into a training run's ``metrics.json`` as ``data_repairs``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,10 +31,12 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from ctr.data.contract import ContractError, bad_rows, check_references, validate
+from ctr.data.contract import (IMPRESSION_KEY, POLICIES, Checked, ContractError, RowCheck, check,
+                               check_references, enforce)
 
 PREPARE_VERSION = 1  # bump when the artefact format or the preparation logic changes
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("ctr.data")
 
 
 @dataclass
@@ -96,6 +104,13 @@ class PrepareSettings:
     # share a row. E.g. {user_id: 1024}; vocab/<feature>.parquet lists the train values' buckets.
     # None is read as {} (the Hydra configs default to null, which a {feature: n} override replaces)
     hash_buckets: dict[str, int] = field(default_factory=dict)
+    # rows that break the data contract (a null id, a label outside {0, 1}, a NaN or infinite
+    # number, a missing/unparseable/implausible timestamp, a duplicate impression, an event naming an
+    # item or user missing from items/users, a null dense feature; see ctr.data.contract): "fail"
+    # stops with an error naming the file, column and rows; "drop" drops them and counts them per
+    # file and reason in meta.json's "repairs" (logged, and in the run's metrics.json). Missing
+    # columns, wrong dtypes, empty or unreadable files are errors under either policy.
+    bad_rows: str = "fail"
 
     def categorical(self) -> list[str]:
         """The features that get ids: the sparse ones, and the sequence's item_id and side features."""
@@ -151,6 +166,8 @@ class PrepareSettings:
         if isinstance(self.sequence, dict):
             self.sequence = SequenceSpec(**self.sequence)
         self.fractions = tuple(float(f) for f in self.fractions)  # type: ignore[assignment]
+        if self.bad_rows not in POLICIES:
+            raise ValueError(f"bad_rows must be one of {POLICIES}, got {self.bad_rows!r}")
         if self.split not in ("time", "user_last"):
             raise ValueError(f"split must be 'time' or 'user_last', got {self.split!r}")
         if self.split == "time" and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9
@@ -180,7 +197,7 @@ def settings_fingerprint(source_fp: str, settings: PrepareSettings) -> str:
     d = asdict(settings)
     # options added later count only when set, so that artefacts prepared before they existed keep
     # their fingerprint (and are reused)
-    for key, default in (("max_vocab", None), ("hash_buckets", {})):
+    for key, default in (("max_vocab", None), ("hash_buckets", {}), ("bad_rows", "fail")):
         if d.get(key) == default:
             d.pop(key)
     blob = json.dumps({"source": source_fp, "settings": d, "v": PREPARE_VERSION},
@@ -189,54 +206,88 @@ def settings_fingerprint(source_fp: str, settings: PrepareSettings) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-def _join_tables(t: Tables, settings: PrepareSettings) -> pl.DataFrame:
-    """Validate the tables and return one frame of all events with a ``__split`` column."""
-    ev_name = t.names.get("events", "events")
-    events = validate(t.events, "events", ev_name)
-    frames = [events.with_columns(pl.lit("__main").alias("__split"))]
-    for name, extra in t.extra_events.items():
-        src = t.names.get(name, name)
-        extra = validate(extra, "events", src)
-        if extra.schema != events.schema:
-            raise ContractError(src, None, f"columns/dtypes {extra.schema} differ from the main log's")
-        frames.append(extra.with_columns(pl.lit(name).alias("__split")))
-    df = pl.concat(frames, how="vertical")
+_MEDIA = ("title", "image", "image_path")  # item columns that are no features (encoders read them)
+
+
+@dataclass
+class _Joined:
+    events: pl.DataFrame  # every log, joined with items and users, with a ``__split`` column
+    items: pl.DataFrame | None  # the checked items table (rows dropped under bad_rows="drop")
+    repairs: dict[str, dict[str, int]]  # file -> {"<column>: <reason>": rows dropped}
+
+
+def _join_tables(t: Tables, settings: PrepareSettings) -> _Joined:
+    """Check the tables (``settings.bad_rows``) and join every log with items and users."""
+    policy, repairs = settings.bad_rows, {}
+
+    def kept(result: Checked, where: str) -> pl.DataFrame:
+        for key, n in result.dropped.items():
+            counts = repairs.setdefault(where, {})
+            counts[key] = counts.get(key, 0) + n
+        return result.frame
+
+    logs = {}  # split -> (file, checked events)
+    for split, raw in {"__main": t.events, **t.extra_events}.items():
+        where = t.names.get("events" if split == "__main" else split, split)
+        logs[split] = (where, kept(check(raw, "events", where, policy), where))
+    main = logs["__main"][1]
+    for where, ev in logs.values():
+        if ev.schema != main.schema:
+            raise ContractError(where, None, f"columns/dtypes {ev.schema} differ from the main log's")
+    items = users = None
     if t.items is not None:
-        items = validate(t.items, "items", t.names.get("items", "items"))
-        for name, frame in zip(["__main", *t.extra_events], frames):
-            where = t.names.get("events" if name == "__main" else name, name)
-            for col in dict.fromkeys(["item_id", *settings.item_refs]):
-                if col not in frame.columns:
-                    raise ContractError(where, col, "item_refs column not found in the events")
-                check_references(frame, items, "item_id", where, column=col)
-        drop = [c for c in ("title", "image", "image_path") if c in items.columns]
-        clash = (set(items.columns) - {"item_id"} - set(drop)) & set(df.columns)
+        where = t.names.get("items", "items")
+        items = kept(check(t.items, "items", where, policy), where)
+        clash = (set(items.columns) - {"item_id", *_MEDIA}) & set(main.columns)
         if clash:
-            raise ContractError(t.names.get("items", "items"), sorted(clash)[0],
-                                "column exists in both events and items")
-        df = df.join(items.drop(drop), on="item_id", how="left", maintain_order="left")
+            raise ContractError(where, sorted(clash)[0], "column exists in both events and items")
     if t.users is not None:
-        users = validate(t.users, "users", t.names.get("users", "users"))
-        check_references(events, users, "user_id", ev_name)
-        df = df.join(users, on="user_id", how="left", maintain_order="left")
-    needed = (set(settings.sparse) | set(settings.dense) | set(settings.keep) | set(settings.order)
-              | set(settings.item_refs))
-    if settings.sequence is not None:
-        needed |= set(settings.sequence.side)
-    missing = sorted(needed - set(df.columns))
+        where = t.names.get("users", "users")
+        users = kept(check(t.users, "users", where, policy), where)
+    _check_features(settings, main, items, users, logs["__main"][0])
+    frames = []
+    for split, (where, ev) in logs.items():
+        if items is not None:
+            for col in dict.fromkeys(["item_id", *settings.item_refs]):
+                if col not in ev.columns:
+                    raise ContractError(where, col, "item_refs column not found in the events")
+                ev = kept(check_references(ev, items, "item_id", where, column=col, policy=policy), where)
+            ev = ev.join(items.drop([c for c in _MEDIA if c in items.columns]), on="item_id", how="left",
+                         maintain_order="left")
+        if users is not None:
+            ev = kept(check_references(ev, users, "user_id", where, policy=policy), where)
+            ev = ev.join(users, on="user_id", how="left", maintain_order="left")
+        dense = [RowCheck(n, "null dense feature", pl.col(n).is_null(), "null value in a dense feature")
+                 for n in settings.dense]
+        ev = kept(enforce(ev, dense, where, policy), where)
+        frames.append(ev.with_columns(pl.lit(split).alias("__split")))
+    return _Joined(pl.concat(frames, how="vertical"), items, repairs)
+
+
+def _check_features(s: PrepareSettings, events: pl.DataFrame, items: pl.DataFrame | None,
+                    users: pl.DataFrame | None, where: str) -> None:
+    """Every column the settings name must be in events, items (but its media) or users."""
+    have = set(events.columns)
+    if items is not None:
+        have |= set(items.columns) - set(_MEDIA)
+    if users is not None:
+        have |= set(users.columns)
+    needed = set(s.sparse) | set(s.dense) | set(s.keep) | set(s.order) | set(s.item_refs)
+    if s.sequence is not None:
+        needed |= set(s.sequence.side)
+    missing = sorted(needed - have)
     if missing:
-        raise ContractError(ev_name, missing[0], f"feature column not found in events, items or users "
-                            f"(available: {sorted(set(df.columns) - {'__split'})})")
-    for name in settings.dense:  # checked in event order, so that the rows match the events file
-        rows = bad_rows(df, pl.col(name).is_null())
-        if rows:
-            raise ContractError(ev_name, name, "null value in a dense feature", rows)
-    return df
+        raise ContractError(where, missing[0], f"feature column not found in events, items or users "
+                            f"(available: {sorted(have)})")
 
 
 def _assign_splits(df: pl.DataFrame, s: PrepareSettings) -> pl.DataFrame:
-    """Order the main log by ``s.order`` and split it. Extra logs keep their own name."""
-    df = df.sort([pl.col("__split") != "__main", *s.order], maintain_order=True)
+    """Order the main log by ``s.order`` and split it. Extra logs keep their own name.
+
+    Ties in ``s.order`` are broken by the impression key (duplicate-free events never share it),
+    so that the order of the rows in the files never changes the artefact."""
+    ties = [c for c in IMPRESSION_KEY if c in df.columns and c not in s.order]
+    df = df.sort([pl.col("__split") != "__main", *s.order, *ties], maintain_order=True)
     main = pl.col("__split") == "__main"
     if s.split == "time":
         n = df.filter(main).height
@@ -286,14 +337,14 @@ def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
     return encoded.fill_null(1).to_numpy()
 
 
-def _item_rows(t: Tables, df: pl.DataFrame, s: PrepareSettings, is_train: np.ndarray,
+def _item_rows(items: pl.DataFrame | None, df: pl.DataFrame, s: PrepareSettings, is_train: np.ndarray,
                out: Path, source_name: str) -> tuple[dict[str, np.ndarray], dict]:
     """Item rows (1-based, 0 for a null) of the ``item_refs`` columns, and the artefact's item table
     (``items.parquet``: ``row``, the items' own columns but title/image, and their train
     impressions and clicks)."""
-    if t.items is None:
+    if items is None:
         raise ContractError(source_name, s.item_refs[0], "item_refs need an items table")
-    items = t.items.drop([c for c in ("title", "image", "image_path") if c in t.items.columns])
+    items = items.drop([c for c in _MEDIA if c in items.columns])
     items = items.sort("item_id").with_columns((pl.int_range(pl.len()) + 1).cast(pl.Int32).alias("row"))
     refs = {}  # every id was checked against the items table by _join_tables
     for name in s.item_refs:
@@ -354,7 +405,8 @@ class Artefact:
 
 
 def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_name: str) -> dict:
-    df = _assign_splits(_join_tables(t, s), s)
+    joined = _join_tables(t, s)
+    df = _assign_splits(joined.events, s)
     split_col = df["__split"].to_numpy()
     is_train = split_col == "train"
     if not is_train.any():
@@ -402,7 +454,8 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
     group_codes = df[s.group_key].rank("dense").cast(pl.Int64).to_numpy() - 1
     label = df["clicked"].cast(pl.Float32).to_numpy()
     ts = df["timestamp"].dt.epoch("us").to_numpy()
-    refs, items_meta = (_item_rows(t, df, s, is_train, out, source_name) if s.item_refs else ({}, None))
+    refs, items_meta = (_item_rows(joined.items, df, s, is_train, out, source_name) if s.item_refs
+                        else ({}, None))
     hist, hist_len = {}, None
     if s.sequence is not None:
         uid = df["user_id"].rank("dense").cast(pl.Int64).to_numpy()
@@ -453,6 +506,7 @@ def _build(t: Tables, s: PrepareSettings, out: Path, fingerprint: str, source_na
         "keep": s.keep,
         "items": items_meta,
         "splits": splits,
+        "repairs": joined.repairs,  # file -> {"<column>: <reason>": rows dropped} (bad_rows="drop")
     }
 
 
@@ -463,7 +517,9 @@ def prepare(source: Source, settings: PrepareSettings, cache_dir: str | os.PathL
     root = Path(cache_dir)
     final = root / f"{source.name}-{fp}"
     if (final / "meta.json").exists() and not force:
-        return Artefact(final, json.loads((final / "meta.json").read_text()))
+        artefact = Artefact(final, json.loads((final / "meta.json").read_text()))
+        _log_repairs(artefact.meta, f"reused artefact {final.name}")
+        return artefact
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{source.name}-{fp}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -478,4 +534,12 @@ def prepare(source: Source, settings: PrepareSettings, cache_dir: str | os.PathL
         os.replace(tmp, final)  # atomic: a crash never leaves a half-written artefact in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _log_repairs(meta, f"prepared {final.name}")
     return Artefact(final, meta)
+
+
+def _log_repairs(meta: dict, what: str) -> None:
+    """A warning per file whose bad rows were dropped (``bad_rows="drop"``)."""
+    for where, counts in (meta.get("repairs") or {}).items():
+        log.warning("%s: dropped %d bad rows of %s (bad_rows=drop): %s", what, sum(counts.values()),
+                    where, json.dumps(counts))

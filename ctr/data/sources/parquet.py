@@ -1,4 +1,9 @@
-"""A user's own parquet (or CSV) files in the shape of the data contract."""
+"""A user's own parquet (or CSV) files in the shape of the data contract.
+
+A file that cannot be read (0 bytes, truncated, not parquet at all, a CSV row with more or fewer
+fields than the header) is a :class:`ContractError` naming the file (and, for a ragged CSV, its
+rows), under either ``bad_rows`` policy: such a file is damaged as a whole.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +22,45 @@ def read_table(path: str | Path) -> pl.DataFrame:
     files = _files(str(path))
     if not files:
         raise FileNotFoundError(f"{path}: no file matches")
-    frames = []
-    for f in files:
-        p = Path(f)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: file not found")
-        try:
-            if p.suffix in (".csv", ".tsv"):
-                frames.append(pl.read_csv(p, separator="\t" if p.suffix == ".tsv" else ","))
-            else:
-                frames.append(pl.read_parquet(p))
-        except (pl.exceptions.ComputeError, OSError, pl.exceptions.PolarsError) as e:
-            raise ContractError(str(p), None, f"cannot be read as {p.suffix.lstrip('.') or 'parquet'}: {e}") from e
+    frames = [_read_one(Path(f)) for f in files]
     if len(frames) > 1 and any(fr.schema != frames[0].schema for fr in frames):
         raise ContractError(str(path), None, "the matched files have different columns or dtypes")
     return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
+def _read_one(p: Path) -> pl.DataFrame:
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise ContractError(str(p), None, "the file is empty (0 bytes)")
+    csv = p.suffix in (".csv", ".tsv")
+    sep = "\t" if p.suffix == ".tsv" else ","
+    if csv:
+        _check_csv_fields(p, sep)
+    try:
+        return pl.read_csv(p, separator=sep) if csv else pl.read_parquet(p)
+    except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as e:
+        what = "csv" if csv else "parquet (is it truncated, or not a parquet file?)"
+        raise ContractError(str(p), None, f"cannot be read as {what}: {e}") from e
+
+
+def _check_csv_fields(p: Path, sep: str) -> None:
+    """Every line must have as many fields as the header: polars pads a short row with nulls and
+    reads a blank line as a row of nulls, silently. Lines are rows unless a quoted field spans lines
+    (an odd number of quote characters on a line), where this check stands aside."""
+    lines = pl.Series("line", p.read_bytes().decode("utf-8", errors="replace").split("\n"))
+    lines = lines.str.strip_suffix("\r")
+    if lines[-1] == "":
+        lines = lines.head(-1)  # the final newline
+    if (lines.str.count_matches('"', literal=True) % 2 == 1).any():
+        return
+    fields = lines.str.replace_all(r'"(?:[^"]|"")*"', "").str.count_matches(sep, literal=True) + 1
+    bad = (fields.slice(1) != fields[0]).arg_true()
+    if bad.len():
+        rows = bad.head(5).to_list()
+        raise ContractError(str(p), None, f"ragged CSV: data row {rows[0]} (line {rows[0] + 2}) has "
+                            f"{fields[rows[0] + 1]} field(s), the header {fields[0]}; {bad.len()} such "
+                            f"row(s) in all", rows)
 
 
 def _files(path: str | None) -> list[str]:
