@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ctr.data.contract import ContractError, bad_rows
-from encoders.images import build_image_cache, images_fingerprint
+from encoders.images import MAX_PIXELS, ImageFailures, decode_images
 
 TASKS = ("self_supervised", "image_text", "click", "same_product")
 
@@ -42,6 +42,8 @@ class ItemSet:
     split: np.ndarray  # <U5 [N] "train" / "val" / "test" (all "train" when items are not held out)
     image_fingerprint: str = ""
     meta: dict = field(default_factory=dict)
+    # items left out for a bad image (``bad_images="skip"``); their rows are the source table's
+    image_failures: ImageFailures = field(default_factory=ImageFailures)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -68,10 +70,16 @@ def split_by_group(groups: list[str] | np.ndarray, fractions: tuple[float, float
 def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLike | None, *,
                      source: str = "items", group_col: str | None = None,
                      category_col: str | None = "category", title_col: str | None = "title",
-                     held_out: tuple[float, float, float] | None = None) -> ItemSet:
+                     held_out: tuple[float, float, float] | None = None, bad_images: str = "fail",
+                     max_pixels: int = MAX_PIXELS) -> ItemSet:
     """An :class:`ItemSet` from a contract ``items`` table with an ``image`` (bytes) or
     ``image_path`` column. ``held_out`` (train/val/test fractions) splits the items by product
-    group (``group_col``, else by item); without it every item is a training item."""
+    group (``group_col``, else by item); without it every item is a training item.
+
+    A null, missing, undecodable or too large (over ``max_pixels``) image follows ``bad_images``:
+    ``"fail"`` raises a :class:`ContractError` naming ``source``, the image column, the row, the
+    item id and the reason; ``"skip"`` leaves the item out (every array of the item set stays
+    aligned) and records it in ``image_failures``. Skipping every item raises too."""
     img_col = "image" if "image" in items.columns else "image_path" if "image_path" in items.columns else None
     need = ["item_id"] + ([img_col] if img_col else ["image"])
     for c in need + [c for c in (group_col,) if c]:
@@ -86,27 +94,29 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     dup = bad_rows(items, pl.col("item_id").is_duplicated())
     if dup:
         raise ContractError(source, "item_id", "duplicate item id", dup)
-    raw = items[img_col].to_list()
-    nulls = [i for i, x in enumerate(raw) if x is None]
-    if nulls:
-        raise ContractError(source, img_col, "null image", nulls)
-    fp = images_fingerprint(raw, size, source=source, column=img_col)  # hashed once: cache key and export
-    images = build_image_cache(raw, size, cache_dir, source=source, column=img_col, fingerprint=fp)
-    titles = None
     if title_col and title_col in items.columns:
         nulls = bad_rows(items, pl.col(title_col).is_null())
         if nulls:
             raise ContractError(source, title_col, "null title", nulls)
-        titles = items[title_col].to_list()
+    decoded = decode_images(items[img_col].to_list(), size, cache_dir, source=source, column=img_col,
+                            ids=ids.to_list(), bad_images=bad_images, max_pixels=max_pixels)
+    if len(decoded.kept) == 0:
+        f = decoded.failures
+        raise ContractError(source, img_col, f"every image is bad ({f.summary()['reasons']}), "
+                                             f"e.g. item_id {f.item_ids[0]}: {f.messages[0]}", f.rows)
+    if len(decoded.failures):
+        items = items[decoded.kept]  # every column below follows the kept rows
+        ids = items["item_id"]
+    titles = items[title_col].to_list() if title_col and title_col in items.columns else None
     n = items.height
     category = (_codes(items[category_col]) if category_col and category_col in items.columns
                 else np.zeros(n, np.int64))
     group_names = items[group_col].cast(pl.Utf8).to_list() if group_col else [str(i) for i in ids.to_list()]
     group = _codes(pl.Series(group_names))
     split = split_by_group(group_names, held_out) if held_out else np.full(n, "train")
-    return ItemSet(name=source, item_ids=ids.cast(pl.Int64).to_numpy(), images=images, titles=titles,
-                   category=category, group=group, split=split,
-                   image_fingerprint=fp)
+    return ItemSet(name=source, item_ids=ids.cast(pl.Int64).to_numpy(), images=decoded.pixels,
+                   titles=titles, category=category, group=group, split=split,
+                   image_fingerprint=decoded.fingerprint, image_failures=decoded.failures)
 
 
 def _codes(s: pl.Series) -> np.ndarray:
@@ -119,14 +129,16 @@ def _codes(s: pl.Series) -> np.ndarray:
 
 
 def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | None = None,
-             held_out: tuple[float, float, float] = (0.8, 0.1, 0.1), n_items: int | None = None) -> ItemSet:
+             held_out: tuple[float, float, float] = (0.8, 0.1, 0.1), n_items: int | None = None, *,
+             bad_images: str = "fail", max_pixels: int = MAX_PIXELS) -> ItemSet:
     """The H&M sample (``$CTR_DATA_DIR/hm_fashion_images_sample``) as an :class:`ItemSet`.
 
     Title: ``prod_name``, ``product_type_name`` and ``detail_desc``, so colour variants of one
     product share their text (colour is left to the image; image-text training then does not
     push variants of one product apart). Group: ``product_code``; products are held out whole
     (``held_out`` fractions, stable hash). Category: ``product_type_name``. ``n_items`` keeps the
-    first items in article order (for tests).
+    first items in article order (for tests). ``bad_images``, ``max_pixels``: as in
+    :func:`items_from_table`; errors and failures name ``images.parquet``'s ``jpeg`` column and rows.
     """
     from ctr.data.sources.catalogues import catalogue_files
 
@@ -156,13 +168,15 @@ def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | Non
     )
     try:
         items = items_from_table(df.select("item_id", "image", "title", "category", "product_code"), size,
-                                 cache_dir, source=str(img_path), group_col="product_code", held_out=held_out)
+                                 cache_dir, source=str(img_path), group_col="product_code", held_out=held_out,
+                                 bad_images=bad_images, max_pixels=max_pixels)
     except ContractError as e:  # name the parquet's own column and rows
         if e.column != "image":
             raise
         rows = [int(df["__src_row"][r]) for r in e.rows]
         raise ContractError(str(img_path), "jpeg", e.problem, rows) from None
-    items.meta = {"source": "hm", "n_products": int(df["product_code"].n_unique())}
+    items.image_failures = items.image_failures.relabel(str(img_path), "jpeg", df["__src_row"].to_list())
+    items.meta = {"source": "hm", "n_products": len(np.unique(items.group))}
     return items
 
 
@@ -180,11 +194,16 @@ class ClickLog:
     per request with at least one click (evaluation). The split follows the CTR stage's time split
     of the events (ordered fractions), so an encoder post-trained on ``train`` clicks never sees
     the CTR stage's validation or test period.
+
+    Events of items the item set left out for a bad image (``items.image_failures``) are dropped
+    after the split, so the split's boundaries stay the CTR stage's; ``dropped_events`` counts
+    them. Any other item missing from the item set is an error.
     """
 
     pairs: dict[str, np.ndarray]
     shown: dict[str, np.ndarray]
     queries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    dropped_events: int = 0
 
     @classmethod
     def from_events(cls, events: pl.DataFrame, items: ItemSet, *, source: str = "events",
@@ -202,10 +221,12 @@ class ClickLog:
         if rows:
             raise ContractError(source, "clicked", "label must be 0 or 1", rows)
         lookup = pl.DataFrame({"__id": items.item_ids, "__row": np.arange(len(items), dtype=np.int64)})
+        skipped = pl.Series(items.image_failures.item_ids or [], dtype=pl.Int64).implode()
         ev = events.with_row_index("__event")
         for col, name in (("item_id", "__item"), ("query_item_id", "__query")):
             ev = ev.join(lookup.rename({"__id": col, "__row": name}), on=col, how="left")
-            missing = ev.filter(pl.col(name).is_null())["__event"].sort().head(5).to_list()
+            unknown = pl.col(name).is_null() & ~pl.col(col).cast(pl.Int64).is_in(skipped)
+            missing = ev.filter(unknown)["__event"].sort().head(5).to_list()
             if missing:
                 raise ContractError(source, col, f"item not in the item set {items.name}", missing)
         ev = ev.sort([*order, "__event"])  # ties in file order, as ctr.data.prepare splits them
@@ -214,6 +235,7 @@ class ClickLog:
         r = pl.int_range(pl.len())
         ev = ev.with_columns(pl.when(r < n_train).then(pl.lit("train")).when(r < n_val)
                              .then(pl.lit("val")).otherwise(pl.lit("test")).alias("__split"))
+        ev = ev.filter(pl.col("__item").is_not_null() & pl.col("__query").is_not_null())
         pairs, shown, queries = {}, {}, {}
         for split in ("train", "val", "test"):
             part = ev.filter(pl.col("__split") == split)
@@ -237,7 +259,7 @@ class ClickLog:
             queries[split] = (req["__query"].to_numpy().astype(np.int64),
                               np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                               req["__item"].explode().to_numpy().astype(np.int64))
-        return cls(pairs=pairs, shown=shown, queries=queries)
+        return cls(pairs=pairs, shown=shown, queries=queries, dropped_events=n - ev.height)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import Tensor
 from ctr.data.datamodule import RankSharding
 from encoders.data import ClickLog, ItemSet, TaskBatches, hm_items, items_from_table
 from encoders.evaluate import SearchQueries, same_group_queries
+from encoders.images import MAX_PIXELS, check_image_settings
 
 
 @dataclass
@@ -36,12 +37,21 @@ class SimItems:
     production log's clicks, split in time like the CTR stage's data (``fractions`` of the log
     ordered by timestamp, request, position), so an encoder post-trained on the train clicks
     never sees the CTR stage's validation or test period. Image search is scored on the val/test
-    requests (a query image against the items clicked for it) over the whole catalogue."""
+    requests (a query image against the items clicked for it) over the whole catalogue.
+
+    ``bad_images`` (``"fail"`` / ``"skip"``) and ``max_image_pixels``: what happens to an item whose
+    image cannot be used (:func:`encoders.data.items_from_table`); a skipped item's events are
+    dropped from the click log too."""
 
     preset: str = "default"
     seed: int = 0
     overrides: dict = field(default_factory=dict)
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    bad_images: str = "fail"
+    max_image_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_image_settings(self.bad_images, self.max_image_pixels)
 
     def load(self, image_size: int, cache_dir: str | None) -> tuple[ItemSet, ClickLog]:
         from ctr.data.sources.simulator import SimConfig, simulate
@@ -49,7 +59,8 @@ class SimItems:
         cfg = SimConfig.preset(self.preset, seed=self.seed, **self.overrides)
         d = simulate(cfg)
         where = f"simulator({self.preset}, seed={self.seed})"
-        items = items_from_table(d.items, image_size, cache_dir, source=f"{where}.items")
+        items = items_from_table(d.items, image_size, cache_dir, source=f"{where}.items",
+                                 bad_images=self.bad_images, max_pixels=self.max_image_pixels)
         items.meta = {"source": "sim", "preset": self.preset, "seed": self.seed,
                       "overrides": dict(self.overrides),
                       # the click split: an encoder post-trained here saw clicks of the first
@@ -58,6 +69,8 @@ class SimItems:
                                       "order": ["timestamp", "request_id", "position"]}}
         clicks = ClickLog.from_events(d.events, items, source=f"{where}.events",
                                       fractions=tuple(self.fractions))
+        if clicks.dropped_events:
+            items.meta["events_of_skipped_items"] = clicks.dropped_events
         return items, clicks
 
     def evaluation(self, items: ItemSet, clicks: ClickLog | None) -> dict:
@@ -74,14 +87,22 @@ class SimItems:
 @dataclass
 class HMItems:
     """The H&M sample: image-text pairs; products held out whole (``held_out`` fractions), and
-    same-product image search among a split's items (a photo against its colour variants)."""
+    same-product image search among a split's items (a photo against its colour variants).
+    ``bad_images``, ``max_image_pixels``: as for :class:`SimItems`."""
 
     held_out: tuple[float, float, float] = (0.8, 0.1, 0.1)
     n_items: int | None = None
     data_dir: str | None = None
+    bad_images: str = "fail"
+    max_image_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_image_settings(self.bad_images, self.max_image_pixels)
 
     def load(self, image_size: int, cache_dir: str | None) -> tuple[ItemSet, None]:
-        return hm_items(image_size, cache_dir, self.data_dir, tuple(self.held_out), self.n_items), None
+        items = hm_items(image_size, cache_dir, self.data_dir, tuple(self.held_out), self.n_items,
+                         bad_images=self.bad_images, max_pixels=self.max_image_pixels)
+        return items, None
 
     def evaluation(self, items: ItemSet, clicks: ClickLog | None) -> dict:
         out = {}

@@ -30,14 +30,22 @@ level with no sampled item has similarity 0 to every other level.
 Sampling is deterministic: the eligible products are sorted by id and ``n_items`` of them are drawn
 without replacement with the caller's generator (in random order). The JPEG bytes are returned
 untouched.
+
+Bad photos (:mod:`encoders.images`: null, empty, undecodable, truncated, over ``max_pixels``; any
+decodable mode is converted to RGB) follow ``bad_images``: ``"fail"`` raises a
+:class:`ContractError` naming ``images.parquet``, its ``jpeg`` column and row, and the product id;
+``"skip"`` replaces each such product by a further draw from the products not drawn yet (the
+sample keeps ``n_items`` products), logs a warning and reports them in
+``Catalogue.image_failures``. Without a bad photo the draws are the same under both policies.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +54,7 @@ from PIL import Image
 
 from ctr.data.contract import ContractError
 
+log = logging.getLogger(__name__)
 #: The real catalogues :func:`load_catalogue` knows.
 CATALOGUES: tuple[str, ...] = ("hm", "fashion")
 #: Default numbers of kept levels per attribute (plus an "other" level for colour/pattern/shade).
@@ -103,6 +112,8 @@ class Catalogue:
     colour_rgb: np.ndarray  # [n_colours, 3] mean centre RGB per colour level (NaN: no sampled item)
     image_size: tuple[int, int]  # (width, height) of the catalogue's photos
     n_available: int  # eligible products (kept categories, with a photo) the sample was drawn from
+    # products whose photo was bad, replaced under bad_images="skip" (ImageFailures.summary())
+    image_failures: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.source_ids)
@@ -138,13 +149,20 @@ def catalogue_files(name: str, data_dir: str | os.PathLike | None = None) -> lis
 
 def load_catalogue(
     name: str, n_items: int, rng: np.random.Generator, data_dir: str | os.PathLike | None = None, *,
-    levels: dict[str, int] | None = None, colour_sim_scale: float = 60.0,
+    levels: dict[str, int] | None = None, colour_sim_scale: float = 60.0, bad_images: str = "fail",
+    max_pixels: int | None = None,
 ) -> Catalogue:
     """Sample ``n_items`` products of the real catalogue ``name`` (``"hm"`` or ``"fashion"``).
 
     ``levels`` overrides :data:`DEFAULT_LEVELS` (numbers of kept values per attribute);
-    ``colour_sim_scale`` is the RGB scale of the colour-similarity kernel.
+    ``colour_sim_scale`` is the RGB scale of the colour-similarity kernel. ``bad_images``
+    (``"fail"`` / ``"skip"``) and ``max_pixels`` (default :data:`encoders.images.MAX_PIXELS`):
+    what a product with a bad photo does (see the module's docstring).
     """
+    from encoders.images import MAX_PIXELS, check_image_settings
+
+    max_pixels = max_pixels or MAX_PIXELS
+    check_image_settings(bad_images, max_pixels)
     spec = _spec(name)
     k_levels = {**DEFAULT_LEVELS, **(levels or {})}
     meta_path, images_path = catalogue_files(name, data_dir)
@@ -181,20 +199,10 @@ def load_catalogue(
                          f"categories ({meta_path.parent}); n_items={n_items} must be between 1 and "
                          f"{n_avail}")
     take = rng.choice(n_avail, size=n_items, replace=False)
+    # ---- the sampled photos, in sample order, and each one's mean centre colour ----
+    images, item_rgb, failures = _sample_photos(pool, take, spec, images_path, rng, bad_images, max_pixels)
     sample = pool[take]
-
-    # ---- the sampled photos, in sample order ----
     ids = sample[spec.id_col]
-    photos = (pl.scan_parquet(images_path).select(spec.id_col, "jpeg")
-              .with_columns(pl.col(spec.id_col).cast(spec.id_dtype))
-              .filter(pl.col(spec.id_col).is_in(ids.implode()))
-              .unique(spec.id_col, keep="first")
-              .collect())
-    jpeg = sample.select(spec.id_col).join(photos, on=spec.id_col, how="left", maintain_order="left")["jpeg"]
-    if jpeg.null_count():
-        bad = ids.filter(jpeg.is_null()).head(3).to_list()
-        raise ContractError(str(images_path), "jpeg", f"no image bytes for {spec.id_col} {bad}")
-    images = jpeg.to_list()
 
     codes = {}
     for a in _ATTRS:
@@ -205,7 +213,8 @@ def load_catalogue(
     titles = _titles(name, sample, spec, names, codes)
 
     # ---- colour similarity from the photos ----
-    item_rgb, size = _centre_rgb(images, images_path)
+    with Image.open(io.BytesIO(images[0])) as first:
+        size = first.size
     n_col = len(names["colour"])
     cnt = np.bincount(codes["colour"], minlength=n_col).astype(np.float64)
     sums = np.stack([np.bincount(codes["colour"], weights=item_rgb[:, c], minlength=n_col)
@@ -219,7 +228,7 @@ def load_catalogue(
         cat=codes["category"], col=codes["colour"], pat=codes["pattern"], sh=codes["shade"],
         categories=names["category"], colours=names["colour"], patterns=names["pattern"],
         shades=names["shade"], titles=titles, images=images, csim=csim, colour_rgb=colour_rgb,
-        image_size=size, n_available=n_avail,
+        image_size=size, n_available=n_avail, image_failures=failures.summary() if failures else {},
     )
 
 
@@ -282,29 +291,78 @@ def _titles(name: str, sample: pl.DataFrame, spec: _Spec, names: dict, codes: di
     return out
 
 
-def _centre_rgb(images: list[bytes], path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    """Mean RGB of the product in the centre half (each dimension) of every photo, decoded at ~1/4
+def _sample_photos(pool: pl.DataFrame, take: np.ndarray, spec: _Spec, path: Path, rng: np.random.Generator,
+                   bad_images: str, max_pixels: int):
+    """The photos of the products ``pool[take]`` and their mean centre colours (:func:`_centre_rgb`).
+
+    A bad photo raises under ``"fail"`` (a :class:`ContractError` naming ``path``, ``jpeg``, the
+    parquet row and the product id); under ``"skip"`` its product is replaced in ``take`` (in
+    place) by a draw from the products not drawn yet, until every photo decodes. Returns (bytes per
+    product, RGB [n, 3], the replaced products as ``ImageFailures``)."""
+    from encoders.images import BadImage, ImageFailures
+
+    images: list = [None] * len(take)
+    rgb = np.empty((len(take), 3), dtype=np.float64)
+    failures = ImageFailures(str(path), "jpeg", bad_images, item_ids=[])
+    drawn = np.zeros(pool.height, bool)
+    drawn[take] = True
+    todo = np.arange(len(take))
+    while len(todo):
+        ids = pool[spec.id_col].gather(take[todo])
+        jpeg, rows = _read_photos(path, spec, ids)
+        bad = []
+        for j, b, row, pid in zip(todo, jpeg, rows, ids.to_list()):
+            try:
+                rgb[j], images[j] = _centre_rgb(b, max_pixels), b
+            except BadImage as e:
+                if bad_images == "fail":
+                    raise ContractError(str(path), "jpeg", f"{spec.id_col} {pid}: {e} (bad_images='skip' "
+                                        f"replaces such products)", [] if row is None else [row]) from None
+                bad.append(j)
+                failures.rows.append(-1 if row is None else row)
+                failures.kinds.append(e.kind)
+                failures.messages.append(str(e))
+                failures.item_ids.append(str(pid))
+        rest = np.flatnonzero(~drawn)
+        if len(rest) < len(bad):
+            raise ContractError(str(path), "jpeg", f"too few products with a usable photo: {len(failures)} bad "
+                                f"({failures.summary()['reasons']}), n_items={len(take)} of {pool.height}")
+        todo = np.asarray(bad, dtype=np.int64)
+        if len(todo):
+            take[todo] = rng.choice(rest, size=len(todo), replace=False)
+            drawn[take[todo]] = True
+    if failures:
+        log.warning("%s, column 'jpeg': %d sampled products have a bad photo and were replaced by other "
+                    "products (bad_images=skip; %s); e.g. %s %s: %s", path, len(failures),
+                    failures.summary()["reasons"], spec.id_col, failures.item_ids[0], failures.messages[0])
+    return images, rgb, failures
+
+
+def _read_photos(path: Path, spec: _Spec, ids: pl.Series) -> tuple[list, list]:
+    """The photo bytes of ``ids`` (None where the parquet has none) and their parquet rows."""
+    photos = (pl.scan_parquet(path).select(spec.id_col, "jpeg").with_row_index("__row")
+              .with_columns(pl.col(spec.id_col).cast(spec.id_dtype))
+              .filter(pl.col(spec.id_col).is_in(ids.implode()))
+              .unique(spec.id_col, keep="first")
+              .collect())
+    got = ids.to_frame().join(photos, on=spec.id_col, how="left", maintain_order="left")
+    return got["jpeg"].to_list(), got["__row"].to_list()
+
+
+def _centre_rgb(photo: bytes | None, max_pixels: int) -> np.ndarray:
+    """Mean RGB of the product in the centre half (each dimension) of a photo, decoded at ~1/4
     resolution. Pixels within 20 RGB units of the background (the median of the image border: white
     or light grey in both catalogues) are left out when at least 5 % of the centre remains, so small
-    products (watches, shoes, socks) are not washed out by the background."""
-    out = np.empty((len(images), 3), dtype=np.float64)
-    size = (0, 0)
-    for j, b in enumerate(images):
-        try:
-            im = Image.open(io.BytesIO(b))
-            if j == 0:
-                size = im.size
-            w, h = im.size
-            im.draft("RGB", (max(1, w // 4), max(1, h // 4)))  # JPEG DCT scaling: fast downsampling
-            a = np.asarray(im.convert("RGB"), dtype=np.float64)
-        except Exception as e:  # noqa: BLE001 - name the file and the item
-            raise ContractError(str(path), "jpeg", f"item {j} of the sample does not decode: {e}") from None
-        hh, ww = a.shape[:2]
-        bg = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
-        c = a[hh // 4: hh - hh // 4 or None, ww // 4: ww - ww // 4 or None].reshape(-1, 3)
-        fg = ((c - bg) ** 2).sum(1) > 20.0 ** 2
-        out[j] = c[fg].mean(0) if fg.mean() >= 0.05 else c.mean(0)
-    return out, size
+    products (watches, shoes, socks) are not washed out by the background. Raises
+    :class:`encoders.images.BadImage` for a photo that cannot be used."""
+    from encoders.images import open_rgb
+
+    a = np.asarray(open_rgb(photo, max_pixels=max_pixels, reduce=4), dtype=np.float64)
+    hh, ww = a.shape[:2]
+    bg = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+    c = a[hh // 4: hh - hh // 4 or None, ww // 4: ww - ww // 4 or None].reshape(-1, 3)
+    fg = ((c - bg) ** 2).sum(1) > 20.0 ** 2
+    return c[fg].mean(0) if fg.mean() >= 0.05 else c.mean(0)
 
 
 def _kernel(rgb: np.ndarray, scale: float) -> np.ndarray:
