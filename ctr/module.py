@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from ctr.data.batch import Batch
+from ctr.guards import NonFiniteGuard
 from ctr.metrics import ctr_metrics
 from ctr.runs import all_sum, fitting
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 class CTRModule(pl_.LightningModule):
@@ -27,11 +30,17 @@ class CTRModule(pl_.LightningModule):
     ``train_samples``/``history_tokens`` counters are summed over the ranks after every step, and
     the metrics gather their states over the ranks when computed, so every rank logs the metrics
     of the whole split.
+
+    ``nonfinite`` (``optim.nonfinite`` in the config): what a NaN/inf training loss or gradient
+    does, ``"fail"`` (stop, naming the step, batch and tensors) or ``"skip"`` (skip the batch,
+    counted in ``nonfinite.skipped``); see :mod:`ctr.guards`. A skipped batch is not counted in
+    ``train_samples``. Non-finite weights at the end of fitting always stop the run.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  embedding_weight_decay: float = 0.0, optimizer: str = "adam",
-                 eval_splits: tuple[str, ...] = ("test",), slices: dict[str, torch.Tensor] | None = None):
+                 eval_splits: tuple[str, ...] = ("test",), slices: dict[str, torch.Tensor] | None = None,
+                 nonfinite: str = "fail"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "slices"])
         self.model = model
@@ -48,6 +57,12 @@ class CTRModule(pl_.LightningModule):
         self.history_tokens = 0  # behaviour-sequence items the model has read in training
         self.train_seconds = 0.0
         self._t_prev: float | None = None
+        self.nonfinite = NonFiniteGuard(nonfinite)
+
+    @staticmethod
+    def monitor_metrics() -> list[str]:
+        """The metrics validation logs (what ``monitor.metric`` may name)."""
+        return list(ctr_metrics("val/").keys())
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch)
@@ -59,24 +74,35 @@ class CTRModule(pl_.LightningModule):
             self.train_seconds += now - self._t_prev
         self._t_prev = now
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        self.nonfinite.start_step(self)
         logits = self(batch)
         loss = self.loss_fn(logits, batch.label)
         aux = self.model.aux_loss(batch) if hasattr(self.model, "aux_loss") else None
+        outputs = {"logits": logits, "ctr_loss": loss, **({"aux_loss": aux} if aux is not None else {})}
+        if aux is not None:
+            loss = loss + aux
+        if not self.nonfinite.loss_ok(self, loss, batch_idx, inputs=batch, outputs=outputs):
+            return None  # skipped (nonfinite=skip): no backward, no optimiser step
         if aux is not None:
             self.log("train/aux_loss", aux, batch_size=len(batch))
-            self.log("train/ctr_loss", loss, batch_size=len(batch))
-            loss = loss + aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}, "
-                                     f"batch {batch_idx}")
+            self.log("train/ctr_loss", outputs["ctr_loss"], batch_size=len(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.grads_ok(self, optimizer)
+
+    def on_fit_end(self) -> None:
+        self.nonfinite.check_weights(self)
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         now = time.perf_counter()
         self.train_seconds += now - self._t_prev  # type: ignore[operator]
         self._t_prev = now
+        self.nonfinite.end_step()
+        if self.nonfinite.step_skipped:  # the same on every rank: no rank waits in all_sum below
+            return
         hist = int(batch.seq_len.sum()) if batch.seq_len is not None else 0
         n, hist = all_sum([len(batch), hist], self.device)  # over the ranks of a DDP run
         self.train_samples += int(n)
@@ -90,12 +116,14 @@ class CTRModule(pl_.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # a resumed run counts on
         checkpoint["seen"] = {"samples": self.train_samples, "history_tokens": self.history_tokens}
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if fitting(self):  # resuming; not reloading the best weights for evaluation
             seen = checkpoint.get("seen") or {}
             self.train_samples = int(seen.get("samples", 0))
             self.history_tokens = int(seen.get("history_tokens", 0))
+            self.nonfinite.load_state_dict(checkpoint.get("nonfinite") or {})
 
     @property
     def train_samples_per_s(self) -> float:
@@ -156,11 +184,9 @@ class CTRModule(pl_.LightningModule):
                   {"params": decay, "weight_decay": h.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        if h.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=h.lr, fused=_fusable(groups))
-        if h.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=h.lr, fused=_fusable(groups))
-        raise ValueError(f"unknown optimizer {h.optimizer!r} (adam, adamw)")
+        if h.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {h.optimizer!r} ({', '.join(OPTIMIZERS)})")
+        return OPTIMIZERS[h.optimizer](groups, lr=h.lr, fused=_fusable(groups))
 
 
 def _fusable(groups: list[dict]) -> bool | None:

@@ -46,9 +46,12 @@ def start_run(cfg: DictConfig) -> Path:
 
     from ctr.malloc import tune_malloc
 
+    from ctr.resume import check_resumable
+
     tune_malloc()  # keep freed memory: no fresh pages to fault in at every step (ctr/malloc.py)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, run_dir)  # before anything is computed: a different run's folder is refused
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -64,19 +67,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
+    from ctr.resume import AtomicCheckpointIO, ResumeState
+
     metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
     # a reused run folder gets its best.ckpt replaced, never a best-v1.ckpt beside a stale one
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=metric,
                            mode=cfg.monitor.mode, save_top_k=1, enable_version_counter=False,
                            save_last=True)  # checkpoints/last.ckpt: what `resume=true` continues from
-    callbacks = [ckpt, *(extra_callbacks or [])]
+    callbacks = [ckpt, ResumeState(), *(extra_callbacks or []),
+                 *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c)]
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
                                        patience=cfg.monitor.patience))
     loggers = [instantiate(_resume_version(lg, run_dir) if resume_checkpoint(cfg, run_dir) else lg, _convert_="all")
                for lg in (cfg.get("logger") or {}).values() if lg]
+    # checkpoints are written atomically and loaded with weights_only=True (ctr/resume.py)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          default_root_dir=str(run_dir), _convert_="all")
+                          default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()], _convert_="all")
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -109,7 +116,8 @@ def _resume_version(lg: DictConfig, run_dir: Path) -> DictConfig:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=true`` and an interrupted run in ``run_dir``: its last checkpoint (else None)."""
+    """``resume=true`` and an interrupted run in ``run_dir``: its last checkpoint (else None).
+    ``start_run`` has checked that the folder's recorded config is this run's (ctr/resume.py)."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     return str(last) if cfg.get("resume") and last.exists() else None
 
@@ -124,8 +132,9 @@ def best_checkpoint(cfg: DictConfig, ckpt) -> str | None:
 def best_epoch(ckpt) -> int | None:
     if not ckpt.best_model_path or not Path(ckpt.best_model_path).exists():
         return None
-    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
-    return int(state.get("epoch", -1))
+    from ctr.resume import safe_load
+
+    return int(safe_load(ckpt.best_model_path).get("epoch", -1))
 
 
 def compose_config(conf_dir: str | Path, overrides: list[str], **paths: str) -> DictConfig:
@@ -251,3 +260,18 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         return list(argv), []
     i = argv.index("--")
     return list(argv[:i]), list(argv[i + 1:])
+
+
+def missing_runs(expected: dict[str, Path]) -> list[str]:
+    """For a sweep's analysis: ``label -> run folder`` of the runs it expected; one line per
+    folder without ``metrics.json``, with the error its ``failed.json`` recorded (or why there is
+    none: never started, or killed)."""
+    lines = []
+    for label, d in expected.items():
+        if (Path(d) / "metrics.json").exists():
+            continue
+        failed = Path(d) / "failed.json"
+        why = (json.loads(failed.read_text()).get("error") if failed.exists()
+               else "no metrics.json and no failed.json (not run, or killed)")
+        lines.append(f"- {label} ({d}): {why}")
+    return lines

@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> dict:
 
     Under a DDP trainer preset (``trainer=ddp``, ``trainer=ddp_cpu``) every rank runs this whole
     function (Lightning launches the other ranks at ``fit``); rank 0 writes ``metrics.json``."""
+    from ctr.checks import check_config
+    check_config(cfg)  # every config mistake at once, before any data is prepared
     from hydra.utils import instantiate
 
     from ctr.module import CTRModule
@@ -101,6 +103,7 @@ def train(cfg: DictConfig) -> dict:
         "axes": OmegaConf.to_container(cfg.axes, resolve=True) if cfg.get("axes") else {},
         "data_fingerprint": dm.artefact.fingerprint,
         "data_path": str(dm.artefact.path),
+        "data_repairs": meta.get("repairs") or {},  # bad rows dropped per file and reason (bad_rows=drop)
         "splits": meta["splits"],
         "val": section("val", val),
         **{s: section(s, test_all) for s in dm.eval_splits},
@@ -117,6 +120,7 @@ def train(cfg: DictConfig) -> dict:
         "flops_per_sample": flops,  # forward; a training step costs about 3x
         "train_flops": 3.0 * flops * module.train_samples,
         "train_samples_per_s": module.train_samples_per_s,
+        "skipped_batches": module.nonfinite.skipped,  # non-finite loss/gradients skipped (optim.nonfinite=skip)
         "prepare_seconds": prepare_s,  # this run (0 when the artefact was cached)
         "data_build_seconds": meta.get("prepare_seconds"),  # raw files -> tensors, when it was built
         "fit_seconds": fit_s,

@@ -23,6 +23,14 @@ negatives of the gathered batch), as does ``perf/samples_per_s``.
 
 A training batch (see :class:`encoders.data.TaskBatches`) carries every distinct image once; each
 is augmented and encoded once per step (the self-supervised task's second view aside).
+
+``nonfinite`` (``optim.nonfinite`` in the config): what a NaN/inf training loss or gradient does,
+``"fail"`` (stop, naming the step, batch and tensors) or ``"skip"`` (skip the batch, counted in
+``nonfinite.skipped``; the queues, the BatchNorm statistics and the ``seen`` counters are left as
+they were before it); see :mod:`ctr.guards`. Non-finite weights at the end of fitting always stop
+the run. When a trainer sets it up to fit with a data module, the module checks the click task's
+negatives counts against the data's pools and the monitored metric against what validation logs
+(:func:`ctr.checks.check_encoder_data`), before the first step.
 """
 
 from __future__ import annotations
@@ -35,13 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctr.guards import NonFiniteGuard
 from ctr.optim import warmup_cosine
 from ctr.runs import all_sum, fitting
 from encoders.data import TASKS
-from encoders.evaluate import image_text_recall, search_recall
+from encoders.evaluate import KS, image_text_recall, search_recall
 from encoders.images import BatchAugment, to_float
 from encoders.losses import EmbeddingQueue, InfoNCE, LogitScale, NTXent, matryoshka_slices, rank_and_world
 from encoders.towers import ProjectionHead
+
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class ContrastiveModule(pl.LightningModule):
@@ -53,7 +64,7 @@ class ContrastiveModule(pl.LightningModule):
                  logit_scale: dict | None = None, symmetric: bool = True,
                  lr: float = 1e-3, tower_lr: float | None = None, weight_decay: float = 0.05,
                  warmup_steps: int = 0, tower_delay_steps: int = 0, optimizer: str = "adamw",
-                 cache_tower_features: bool = False):
+                 cache_tower_features: bool = False, nonfinite: str = "fail"):
         super().__init__()
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
         self.tasks = {t: float(w) for t, w in (tasks or {"self_supervised": 1.0}).items() if w}
@@ -98,6 +109,36 @@ class ContrastiveModule(pl.LightningModule):
         self.seen: dict[str, dict[str, float]] = {t: {"examples": 0, "negatives": 0.0, "steps": 0}
                                                   for t in self.tasks}
         self.images_seen = 0
+        self.nonfinite = NonFiniteGuard(nonfinite)
+        self._seen_at_start: tuple[dict, int] | None = None  # the counters before this step
+        self._data_checked = False
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        """When a trainer is about to fit with a data module: its click negatives and the
+        monitored metric checked (:func:`ctr.checks.check_encoder_data`), before the first step."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage != "fit" or self._data_checked or dm is None or not hasattr(dm, "train_dataloader"):
+            return
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        from ctr.checks import check_encoder_data
+
+        batches = dm.train_dataloader().dataset  # builds the task batches: their own checks run too
+        monitors = [cb.monitor for cb in self.trainer.callbacks
+                    if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and cb.monitor]
+        check_encoder_data(getattr(batches, "batches", batches), monitors, self.metric_names("val"))
+        self._data_checked = True
+
+    def metric_names(self, split: str = "val") -> list[str]:
+        """The metrics validation (``split="val"``) or test logs, as :meth:`evaluate_collected`
+        names them for the data's ``evaluation``: recall@K and nll per search, i2t/t2i R@K."""
+        ev = self.evaluation or {}
+        names = [f"{split}/{s}/{m}" for s in ev.get(f"{split}_search", {})
+                 for m in (*(f"recall@{k}" for k in KS), "nll", "queries")]
+        if self.text_tower is not None and ev.get("titles") is not None and ev.get(f"{split}_image_text", True):
+            names += [f"{split}/{d}_r@{k}" for d in ("i2t", "t2i") for k in KS]
+        return names
 
     # ------------------------------------------------------------------ encoding
     def embed_images(self, images: Tensor, normalize: bool = True) -> Tensor:
@@ -200,30 +241,44 @@ class ContrastiveModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["seen"] = {"tasks": self.seen, "images": self.images_seen}
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         seen = checkpoint.get("seen")
         if seen and fitting(self):  # resuming; not reloading the best weights for evaluation
             self.seen.update({t: dict(c) for t, c in seen["tasks"].items() if t in self.seen})
             self.images_seen = int(seen["images"])
+        if fitting(self):
+            self.nonfinite.load_state_dict(checkpoint.get("nonfinite") or {})
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        t0 = time.perf_counter()
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        t0 = self._t_step = time.perf_counter()
+        self.nonfinite.start_step(self)
+        self._seen_at_start = ({t: dict(c) for t, c in self.seen.items()}, self.images_seen)
         images, keys = batch["images"], batch["keys"]
+        inputs = dict(batch)
         if self.cache_tower_features:
             t_aug = 0.0
             emb = self.embed_cached(batch["rows"], images)
         else:
             x = self.augment(images)
             t_aug = time.perf_counter() - t0
+            inputs["augmented_images"] = x
             emb = self.embed_images(x)
         (n_images,) = all_sum([images.shape[0]], self.device)  # images encoded by every rank
         self.images_seen += int(n_images)
         total = 0.0
         n = _batch_samples(batch)
+        outputs, task_logs = {"image_embeddings": emb}, []
         for task, w in self.tasks.items():
             loss, logs = self._task_loss(task, batch, emb, keys)
             total = total + w * loss
+            outputs[f"{task}_loss"] = loss
+            task_logs.append((task, loss, logs))
+        if not self.nonfinite.loss_ok(self, total, batch_idx, inputs=inputs, outputs=outputs):
+            self._restore_seen()
+            return None  # skipped (nonfinite=skip): no backward, no optimiser step
+        for task, loss, logs in task_logs:
             self.log(f"train/{task}_loss", loss, on_step=True, on_epoch=True, batch_size=n)
             self.log(f"train/{task}_scale", self.scales[task]().detach(), on_step=True, on_epoch=False, batch_size=n)
             for k, v in logs.items():
@@ -233,10 +288,23 @@ class ContrastiveModule(pl.LightningModule):
             self.log("perf/data_time", t0 - self._t_end, on_step=True, on_epoch=True, batch_size=1)
         self.log("perf/augment_time", t_aug, on_step=True, on_epoch=True, batch_size=1)
         self.log("perf/images_per_step", float(images.shape[0]), on_step=True, on_epoch=True, batch_size=1)
-        self._t_step = t0
         return total
 
+    def _restore_seen(self) -> None:
+        """A skipped batch is not counted: the ``seen`` counters as they were before it."""
+        if self._seen_at_start is not None:
+            seen, self.images_seen = self._seen_at_start
+            self.seen.update({t: dict(c) for t, c in seen.items()})
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.nonfinite.grads_ok(self, optimizer):
+            self._restore_seen()
+
+    def on_fit_end(self) -> None:
+        self.nonfinite.check_weights(self)
+
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self.nonfinite.end_step()
         for s in self.scales.values():
             s.clamp_()
         now = time.perf_counter()
@@ -325,7 +393,7 @@ class ContrastiveModule(pl.LightningModule):
         elif h.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=h.lr, momentum=0.9)
         else:
-            raise ValueError(f"unknown optimizer {h.optimizer!r} (adamw or sgd)")
+            raise ValueError(f"unknown optimizer {h.optimizer!r} ({' or '.join(OPTIMIZERS)})")
         trainer = getattr(self, "_trainer", None)
         total = trainer.estimated_stepping_batches if trainer is not None else 1
         delay = h.tower_delay_steps

@@ -27,10 +27,10 @@ warnings.filterwarnings("ignore", message=".*anonymous setting has no effect.*")
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")  # frozen tower parts
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
+from ctr.resume import safe_load
 from ctr.runs import (best_checkpoint, best_epoch, build_trainer, compile_in_place, failure_recorded, finish_run,
                       forward_flops, resume_checkpoint, section, start_run)
 
@@ -50,7 +50,7 @@ def load_init(module, path: str | Path) -> dict:
     """Start ``module`` from another run's weights: towers, heads and logit scales of the tasks
     both runs have (queues and the other run's task scales are not carried over)."""
     ckpt = resolve_checkpoint(path)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = safe_load(ckpt)["state_dict"]
     own = module.state_dict()
     take = {k: v for k, v in state.items() if k in own and not k.startswith("queues.")
             and own[k].shape == v.shape}
@@ -64,6 +64,8 @@ def load_init(module, path: str | Path) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
+    from ctr.checks import check_encoder_config
+    check_encoder_config(cfg)  # every config mistake at once, before any tower or image is loaded
     from hydra.utils import instantiate
 
     from encoders.module import ContrastiveModule
@@ -116,6 +118,7 @@ def train(cfg: DictConfig) -> dict:
         "axes": OmegaConf.to_container(cfg.axes, resolve=True) if cfg.get("axes") else {},
         "tasks": tasks,
         "items": {"n": len(dm.items), **dm.items.meta, "image_fingerprint": dm.items.image_fingerprint},
+        "image_failures": dm.items.image_failures.summary(),  # bad images: policy, skipped, reasons
         "init": before,
         "init_from": init,
         "val": val,
@@ -126,6 +129,7 @@ def train(cfg: DictConfig) -> dict:
         "data_time_s": _float(logged.get("perf/data_time_epoch")),
         "augment_time_s": _float(logged.get("perf/augment_time_epoch")),
         "step_time_s": _float(logged.get("perf/step_time_epoch")),
+        "skipped_batches": module.nonfinite.skipped,  # non-finite loss/gradients skipped (optim.nonfinite=skip)
         "data_seconds": data_s,
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in module.parameters()),

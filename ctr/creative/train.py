@@ -17,7 +17,6 @@ the small decoder, with the same data, prompts, rewards and trainers.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -27,9 +26,9 @@ import encoders  # noqa: F401  (installs the torchvision import hook before ligh
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ctr.resume import safe_load
 from ctr.runs import best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run, start_run
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf" / "creative")
@@ -130,7 +129,7 @@ def _fit(cfg: DictConfig, run_dir: Path, module, trainer_overrides: dict, **fit_
     seconds = time.perf_counter() - t0
     best = best_checkpoint(c, ckpt)
     if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(safe_load(best)["state_dict"])
     for lg in loggers:
         lg.finalize("success")
     return best, ckpt, trainer, seconds
@@ -168,7 +167,7 @@ def fit_grpo(cfg: DictConfig, dm, policy, run_dir: Path) -> tuple[object, str | 
 def _best_step(best: str | None) -> int | None:
     if not best:
         return None
-    return int(torch.load(best, map_location="cpu", weights_only=False).get("global_step", -1))
+    return int(safe_load(best).get("global_step", -1))
 
 
 def fit_pointwise(cfg: DictConfig, dm, run_dir: Path) -> tuple[object, str | None, dict]:
@@ -224,7 +223,7 @@ def train(cfg: DictConfig) -> dict:
             stages.append(info)
         else:
             if cfg.init_ckpt:
-                state = torch.load(cfg.init_ckpt, map_location="cpu", weights_only=False)
+                state = safe_load(cfg.init_ckpt)
                 _check_vocab(state, policy, cfg.init_ckpt)
                 policy.load_state_dict({k[len("policy."):]: v for k, v in state["state_dict"].items()
                                         if k.startswith("policy.")})

@@ -143,6 +143,18 @@ class CTRDataModule(RankSharding, pl_.LightningDataModule):
         self.train_index: torch.Tensor | None = None  # rows of the train split used (None: all)
         self.artefact: Artefact | None = None
         self.stores: dict[str, TensorStore] = {}
+        self._shuffle: torch.Generator | None = None  # the training loader's shuffling generator
+        self._shuffle_state: torch.Tensor | None = None  # a checkpoint's, for the next train loader
+
+    # the shuffling generator's state goes into every checkpoint (Lightning saves a datamodule's
+    # state_dict) and comes back on resume, so that a resumed run draws the permutations of the
+    # epochs an uninterrupted run would have drawn
+    def state_dict(self) -> dict:
+        return {} if self._shuffle is None else {"shuffle_generator": self._shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "shuffle_generator" in state:
+            self._shuffle_state = state["shuffle_generator"]
 
     def prepare_data(self) -> None:
         self.artefact = prepare(self.source, self.settings, self.cache_dir)
@@ -192,6 +204,10 @@ class CTRDataModule(RankSharding, pl_.LightningDataModule):
                 raise ValueError(f"batch_size={self.batch_size} (the global batch) is not divisible by the "
                                  f"{world} ranks of the trainer")
             g = torch.Generator().manual_seed(self.seed)  # the same permutation on every rank
+            if self._shuffle_state is not None:  # resuming: the generator as the checkpoint left it
+                g.set_state(self._shuffle_state)
+                self._shuffle_state = None
+            self._shuffle = g
             sampler = BatchSampler(RandomSampler(store, generator=g), self.batch_size, self.drop_last)
             if world > 1:
                 sampler = RankBatches(sampler, rank, world)

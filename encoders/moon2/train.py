@@ -23,9 +23,9 @@ import warnings
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ctr.resume import safe_load
 from ctr.runs import (best_checkpoint, best_epoch, build_trainer, failure_recorded, finish_run,
                       resume_checkpoint, start_run)
 
@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}  # before validate() resets them
     best = best_checkpoint(cfg, ckpt)
     if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(safe_load(best)["state_dict"])
     res = trainer.validate(module, datamodule=dm, verbose=False) if not cfg.trainer.get("fast_dev_run") else []
     val = {k: float(v) for k, v in res[0].items()} if res else {}  # [] when there is no validation item
     bench = run_benchmark(module, dm.sources, dm.prompts)

@@ -1,0 +1,192 @@
+"""Interrupted runs: atomic, safely loaded checkpoints and an exact resume.
+
+A run killed at any moment (even by SIGKILL) and started again with the same command
+(``resume=true``, the default, and the same run folder) continues from ``checkpoints/last.ckpt``,
+written at the end of every epoch, and ends with the metrics an uninterrupted run would have
+given (bit-identical on CPU). What makes that hold:
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the same folder,
+  flushes it to disk and renames it over the old one: a crash leaves the previous checkpoint
+  intact, never a truncated one. It loads with ``torch.load(weights_only=True)``: tensors and
+  plain containers only, never arbitrary pickled objects.
+* :class:`ResumeState` keeps the random-number generators (torch, CUDA, numpy, python) and
+  whether early stopping has fired in every checkpoint, so dropout masks and the stopping
+  decision after a resume are those of the uninterrupted run. The data order is kept by the
+  datamodule's state (``CTRDataModule.state_dict``: the shuffling generator); the optimiser, scheduler, loop
+  counters, early-stopping and best-checkpoint bookkeeping by Lightning.
+* :func:`check_resumable` refuses to resume a run folder whose recorded config differs from the
+  current one (other than in run-control keys such as the thread count), instead of silently
+  mixing two experiments.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+# config keys that control how a run executes, not what it computes: they may change on a resume
+RUN_CONTROL = ("paths", "resume", "threads", "logger", "callbacks")
+# ... and the trainer's: the progress display, and the length limits (a run may be continued for longer)
+RUN_CONTROL_TRAINER = ("enable_progress_bar", "log_every_n_steps", "max_epochs", "max_steps", "max_time")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint or table holds objects that only an unpickler could rebuild."""
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them.
+    A file that needs arbitrary unpickling (code that would run on load) is refused with a clear
+    error instead of being executed."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or a RuntimeError wrapping it)
+        if "weights_only" in str(e) or isinstance(e, __import__("pickle").UnpicklingError):
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load; it holds objects beyond tensors and plain containers, and "
+                f"loading it would run pickled code (only files this project wrote load). torch said: "
+                f"{str(e).splitlines()[0]}") from e
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes and ``weights_only`` loads (see the module doc)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        return safe_load(path, map_location=map_location or (lambda storage, loc: storage))
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, as tensors and plain Python values."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "python": _python_state(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state(s: tuple) -> list:
+    version, internal, gauss = s
+    return [version, list(internal), gauss]
+
+
+class ResumeState(Callback):
+    """Saves the random-number generators and the early-stopping decision in every checkpoint and
+    restores them when training resumes from one (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._stop = False
+
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "_trainer", None)
+        return {"rng": rng_state(), "should_stop": bool(trainer.should_stop) if trainer is not None else False}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores callbacks just before the fit loop sets up its data; nothing draws a
+        # random number in between (its sanity check runs under isolate_rng)
+        set_rng_state(state["rng"])
+        self._stop = bool(state.get("should_stop"))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(self, "_stop", False):
+            trainer.should_stop = True  # early stopping had fired before the interruption
+        self._stop = False
+
+
+def _comparable(cfg: dict) -> dict:
+    d = {k: v for k, v in cfg.items() if k not in RUN_CONTROL}
+    if isinstance(d.get("trainer"), dict):
+        d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in RUN_CONTROL_TRAINER}
+    return d
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a different run: resuming would mix two experiments."""
+
+
+def check_resumable(cfg, run_dir: Path) -> str | None:
+    """The checkpoint to resume from (``run_dir/checkpoints/last.ckpt`` when ``cfg.resume`` and it
+    exists), after checking that ``run_dir/config.yaml`` records the same run; else None."""
+    from omegaconf import OmegaConf
+
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not cfg.get("resume") or not last.exists():
+        return None
+    recorded = Path(run_dir) / "config.yaml"
+    if recorded.exists():
+        old = _comparable(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
+        new = _comparable(OmegaConf.to_container(cfg, resolve=True))
+        if old != new:
+            diff = _first_difference(old, new)
+            raise ResumeError(f"{run_dir} holds a run with a different config ({diff}); resuming would mix "
+                              f"two experiments. Use another run folder, or resume=false to start over "
+                              f"in this one.")
+    return str(last)
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k, "<missing>") != b.get(k, "<missing>"):
+                return _first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{key}.{k}" if key else str(k))
+        return key
+    return f"{key}: recorded {a!r}, now {b!r}"

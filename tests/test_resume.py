@@ -1,0 +1,120 @@
+"""Interrupted runs: a run killed by SIGKILL and started again with the same command resumes from
+its last checkpoint and ends with the metrics of an uninterrupted run, bit for bit (CPU, one
+thread); a run folder holding a different run is refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# the tiny simulator (16 training batches an epoch), DIN with dropout, early stopping
+SIM = ["experiment=sim_din", "data.source.preset=tiny", "monitor.patience=1", "threads=1", "logger=csv",
+       "trainer.enable_progress_bar=false"]
+# the contrastive pretraining preset, tiny: 4 steps an epoch, augmentations and a cosine schedule
+ENC = ["experiment=pretrain", "data.module.source.preset=tiny", "image_size=32", "data.module.steps_per_epoch=4",
+       "data.module.batch_size=8", "data.module.eval_batch_size=64", "trainer.max_epochs=3", "threads=1",
+       "logger=csv", "trainer.enable_progress_bar=false"]
+
+
+def run_cli(module: str, overrides: list[str], env_extra: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", **env_extra, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "tests" / "helpers"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def final(run: Path) -> tuple[dict, dict]:
+    """What a run ends with: its metrics (timings left out) and its best weights."""
+    m = json.loads((run / "metrics.json").read_text())
+    timing = ("seconds", "per_s", "_time_s", "_s")
+    m = {k: v for k, v in m.items() if k not in ("checkpoint", "data_path") and not k.endswith(timing)}
+    if "embeddings" in m:  # the exported table: the second run finds the first one's (same fingerprint)
+        m["embeddings"] = {k: v for k, v in m["embeddings"].items() if k != "reused"}
+    return m, torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+
+
+def assert_same_end(a: Path, b: Path) -> None:
+    (ma, wa), (mb, wb) = final(a), final(b)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k] == mb[k], k
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def kill_and_resume(module: str, args: list[str], tmp_path: Path, env: dict, **kill) -> Path:
+    run, marker = tmp_path / "killed", tmp_path / "killed.marker"
+    cmd = [*args, f"hydra.run.dir={run}", "+callbacks.kill._target_=killers.KillAt", f"+callbacks.kill.marker={marker}",
+           *(f"+callbacks.kill.{k}={v}" for k, v in kill.items())]
+    r = run_cli(module, cmd, env)
+    assert r.returncode == -9, (r.returncode, r.stderr[-3000:])  # SIGKILL
+    assert marker.exists() and not (run / "metrics.json").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    r = run_cli(module, cmd, env)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+def clean_run(module: str, args: list[str], tmp_path: Path, env: dict) -> Path:
+    run = tmp_path / "clean"
+    r = run_cli(module, [*args, f"hydra.run.dir={run}"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
+    env = {"CTR_CACHE_DIR": str(cache_dir)}
+    args = [*SIM, "trainer.max_epochs=3"]
+    # step 24 is the middle of the second epoch: the resume restarts it from the first epoch's end
+    assert_same_end(clean_run("ctr.train", args, tmp_path, env),
+                    kill_and_resume("ctr.train", args, tmp_path, env, step=24))
+
+
+@pytest.mark.slow
+def test_ctr_killed_after_early_stopping_does_not_train_on(tmp_path, cache_dir):
+    """Killed while testing, after early stopping ended fit before max_epochs: the restarted run
+    must not train another epoch (the stopping decision is in the checkpoint)."""
+    env = {"CTR_CACHE_DIR": str(cache_dir)}
+    args = [*SIM, "trainer.max_epochs=10"]
+    clean = clean_run("ctr.train", args, tmp_path, env)
+    assert json.loads((clean / "metrics.json").read_text())["epochs"] < 10  # it did stop early
+    assert_same_end(clean, kill_and_resume("ctr.train", args, tmp_path, env))
+
+
+@pytest.mark.slow
+def test_encoder_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
+    env = {"CTR_CACHE_DIR": str(cache_dir), "CTR_EMBED_DIR": str(tmp_path / "emb")}
+    assert_same_end(clean_run("encoders.train", ENC, tmp_path, env),
+                    kill_and_resume("encoders.train", ENC, tmp_path, env, step=6))
+
+
+def test_resume_refuses_a_folder_holding_another_run(tmp_path, cache_dir):
+    from omegaconf import open_dict
+
+    from ctr.resume import ResumeError, check_resumable
+    from ctr.runs import compose_config
+
+    conf = ROOT / "conf"
+    cfg = compose_config(conf, [*SIM, "trainer.max_epochs=3"], run_dir=tmp_path, cache_dir=cache_dir,
+                         embeddings_dir=tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    from omegaconf import OmegaConf
+
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert check_resumable(cfg, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    with open_dict(cfg):  # run control may change: the thread count, the progress bar, the length
+        cfg.threads, cfg.trainer.enable_progress_bar, cfg.trainer.max_epochs = 2, True, 5
+    assert check_resumable(cfg, tmp_path)
+    with open_dict(cfg):
+        cfg.optim.lr = 0.5
+    with pytest.raises(ResumeError, match=r"optim\.lr: recorded 0\.001, now 0\.5"):
+        check_resumable(cfg, tmp_path)
+    with open_dict(cfg):
+        cfg.resume = False  # start over in the folder: nothing to check
+    assert check_resumable(cfg, tmp_path) is None
