@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ctr  # noqa: F401  (installs the torchvision import hook before lightning is imported)
-from ctr.runs import compose_config, mean_std
+from ctr.runs import compose_config, failure_recorded, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -100,7 +100,8 @@ class Pipeline:
         resumed = (run_dir / "checkpoints" / "last.ckpt").exists()
         self.log(f"[{stage}] {'resuming' if resumed else 'running'} in {run_dir}")
         t0 = time.perf_counter()
-        metrics = train_fn(cfg)
+        with failure_recorded(cfg):  # a failing stage leaves failed.json in its folder
+            metrics = train_fn(cfg)
         self.log(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
         return metrics, fp, run_dir
 

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ctr.runs import mean_std, split_overrides  # noqa: E402
+from ctr.runs import mean_std, missing_runs, split_overrides  # noqa: E402
 
 METHODS = [("creative_pointwise", "pointwise CTR regressor (image embeddings)"),
            ("creative_sft_answer", "SFT without reasoning"),
@@ -40,9 +40,10 @@ def _cmd(preset: str, seed: int, out: Path, overrides: list[str], extra: list[st
             f"hydra.run.dir={out}", "trainer.enable_progress_bar=false", *extra, *overrides]
 
 
-def train_runs(seeds: list[int], runs: Path, jobs: int, overrides: list[str]) -> None:
+def train_runs(seeds: list[int], runs: Path, jobs: int, overrides: list[str]) -> list[tuple[str, int]]:
     """Every (preset, seed) run without a metrics.json, ``jobs`` at a time; GRPO waits for its
-    seed's CoT-SFT run."""
+    seed's CoT-SFT run. A failing run is reported and the others still run (a GRPO run whose
+    CoT-SFT failed is skipped); returns the failed (preset, seed) pairs."""
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     todo = [(p, s) for s in seeds for p, _ in METHODS]
     running: dict[tuple[str, int], subprocess.Popen] = {}
@@ -88,8 +89,7 @@ def train_runs(seeds: list[int], runs: Path, jobs: int, overrides: list[str]) ->
                 running[(p, s)] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             todo.remove((p, s))
         time.sleep(2)
-    if failed:
-        raise SystemExit(f"{len(failed)} runs failed: {failed}")
+    return failed
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:
@@ -136,7 +136,7 @@ def table(res: dict[str, list[dict]]) -> str:
     return "\n".join(lines + per_seed)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args_, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["run", "table"])
@@ -148,14 +148,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         train_runs(args.seeds, args.runs, args.jobs, overrides)
     res = collect(args.runs)
-    text = table(res)
+    missing = missing_runs({f"{p} seed {s}": args.runs / p / f"seed{s}" for p, _ in METHODS for s in args.seeds})
+    text = table(res) + (("\n\nMissing runs (the table averages the others):\n" + "\n".join(missing))
+                         if missing else "")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(
         "# Creative4U: creative selection on held-out simulated pairs\n\n"
         f"`python experiments/creative.py table` (runs: `{args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs}`).\n\n"
         + text + "\n")
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

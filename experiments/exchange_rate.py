@@ -219,16 +219,15 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"data.source.preset={args.sim_preset}", *overrides]
     pipe = Pipeline(out, cache, emb_dir, [], [], args.threads, "csv", log=log)
     rec_key = f"recall@{args.k}"
-    rows = []
+    rows, missing = [], []  # a variant whose metrics or CTR runs fail is a missing point, not a crash
     t0 = time.perf_counter()
     for v in variants:
-        emb = truth.embeddings(v["fingerprint"], emb_dir)
-        row = {**v, rec_key: truth.recall(emb, args.k),
-               "category probe": truth.probe(emb, "category"), "colour probe": truth.probe(emb, "colour")}
-        ms = [ctr_run(pipe, v["fingerprint"], s, args.preset, overrides) for s in args.seeds]
-        row["gauc"] = statistics.mean(m["test_random"]["gauc"] for m in ms)
-        row["auc"] = statistics.mean(m["test_random"]["auc"] for m in ms)
-        rows.append(row)
+        row, errors = measure(v, truth, emb_dir, rec_key, args.k, pipe, args.seeds, args.preset, overrides)
+        if row is None:
+            missing.append({**v, "errors": errors})
+            log(f"{v['origin']} ({v['fingerprint']}): MISSING: {'; '.join(errors)}")
+            continue
+        rows.append({**row, "errors": errors})
         print(f"{v['origin']} ({v['fingerprint']}): {rec_key} {row[rec_key]:.4f}, GAUC {row['gauc']:.4f} "
               f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
 
@@ -244,13 +243,44 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", "| intermediate metric x | exchange rate dGAUC/dx | 95 % CI | r | n |", "|---|---|---|---|---|"]
     for m, f in fits.items():
         lines.append(f"| {m} | {f['slope']:.4f} | [{f['ci'][0]:.4f}, {f['ci'][1]:.4f}] | {f['r']:.3f} | {f['n']} |")
+    partial = [f"- {r['origin']} ({r['fingerprint']}): " + "; ".join(r["errors"]) for r in rows if r["errors"]]
+    if missing or partial:
+        lines += ["", f"Missing points ({len(missing)} of {len(variants)} variants; the fits use the others):"]
+        lines += [f"- {m['origin']} ({m['fingerprint']}): " + "; ".join(m["errors"]) for m in missing]
+        if partial:
+            lines += ["", "Variants averaged over fewer seeds (a run failed):", *partial]
     text = "\n".join(lines)
     (out / "exchange_rate.md").write_text(text + "\n")
-    (out / "exchange_rate.json").write_text(json.dumps({"rows": rows, "fits": fits}, indent=1))
-    plot(rows, fits, metrics, out / "exchange_rate.png")
+    (out / "exchange_rate.json").write_text(json.dumps({"rows": rows, "fits": fits, "missing": missing}, indent=1))
+    if rows:
+        plot(rows, fits, metrics, out / "exchange_rate.png")
     print(text)
     print(f"\nwrote {out / 'exchange_rate.md'} and {out / 'exchange_rate.png'}")
-    return {"rows": rows, "fits": fits}
+    return {"rows": rows, "fits": fits, "missing": missing}
+
+
+def measure(v: dict, truth, emb_dir: Path, rec_key: str, k: int, pipe, seeds, preset: str,
+            overrides: list[str]) -> tuple[dict | None, list[str]]:
+    """One variant's intermediate metrics and its CTR GAUC/AUC (mean over the seeds that ran);
+    (None, errors) when its table cannot be read or every CTR run failed."""
+    try:
+        emb = truth.embeddings(v["fingerprint"], emb_dir)
+        row = {**v, rec_key: truth.recall(emb, k),
+               "category probe": truth.probe(emb, "category"), "colour probe": truth.probe(emb, "colour")}
+    except Exception as e:  # noqa: BLE001  (reported as a missing point)
+        return None, [f"table: {type(e).__name__}: {e}"]
+    ms, errors = [], []
+    for s in seeds:
+        try:
+            ms.append(ctr_run(pipe, v["fingerprint"], s, preset, overrides))
+        except Exception as e:  # noqa: BLE001  (the run folder keeps failed.json)
+            errors.append(f"CTR seed {s}: {type(e).__name__}: {e}")
+    if not ms:
+        return None, errors
+    row["gauc"] = statistics.mean(m["test_random"]["gauc"] for m in ms)
+    row["auc"] = statistics.mean(m["test_random"]["auc"] for m in ms)
+    row["seeds"] = len(ms)
+    return row, errors
 
 
 def plot(rows: list[dict], fits: dict, metrics: list[str], path: Path) -> None:
@@ -277,4 +307,4 @@ def plot(rows: list[dict], fits: dict, metrics: list[str], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["missing"] else 0)

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ctr.runs import mean_std, split_overrides  # noqa: E402
+from ctr.runs import mean_std, missing_runs, split_overrides  # noqa: E402
 
 BENCH = ["dual_encoder", "moon2_full"]
 ABLATION = ["moon2_full", "moon2_no_moe", "moon2_no_dual", "moon2_no_coaug", "moon2_no_filter"]
@@ -43,7 +43,10 @@ ABLATION_COLS = [("hm", "variant/i2mm/r@1", "H&M variant i2mm R@1"),
                  ("hm", "probe_colour/acc", "H&M colour probe")]
 
 
-def train_runs(presets: list[str], seeds: list[int], runs: Path, overrides: list[str]) -> None:
+def train_runs(presets: list[str], seeds: list[int], runs: Path, overrides: list[str]) -> int:
+    """Every (preset, seed) run without a metrics.json; a failing run is reported and the others
+    still run. Returns the number that failed."""
+    failed = 0
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     for p in presets:
         for s in seeds:
@@ -54,7 +57,10 @@ def train_runs(presets: list[str], seeds: list[int], runs: Path, overrides: list
             cmd = [sys.executable, "-m", "encoders.moon2.train", f"experiment={p}", f"seed={s}",
                    f"hydra.run.dir={out}", "trainer.enable_progress_bar=false", *overrides]
             print(f"[moon2] {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+            if subprocess.run(cmd, cwd=ROOT, env=env).returncode:
+                failed += 1
+                print(f"[moon2] FAILED {p} seed {s} (see {out / 'failed.json'})", flush=True)
+    return failed
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:
@@ -150,7 +156,7 @@ def weights_table(res: dict[str, list[dict]], presets: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     own, overrides = split_overrides(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["benchmark", "ablation", "table"])
@@ -162,16 +168,22 @@ def main(argv: list[str]) -> None:
         train_runs(BENCH if args.command == "benchmark" else ABLATION, args.seeds, args.runs, overrides)
     res = collect(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.command in ("benchmark", "table"):
-        text = benchmark_table(res, BENCH)
-        print("## Benchmark: recall and accuracy in %, mean ± std over seeds\n\n" + text)
-        (args.out / "benchmark.md").write_text(text)
-    if args.command in ("ablation", "table"):
-        text = ablation_table(res, ABLATION)
-        w = weights_table(res, ABLATION)
-        print("## Ablation (%, mean ± std over seeds)\n\n" + text + "\n## Training signals\n\n" + w)
-        (args.out / "ablation.md").write_text(text + "\n" + w)
+    missing_all = []
+    for cmd, presets, name in (("benchmark", BENCH, "benchmark.md"), ("ablation", ABLATION, "ablation.md")):
+        if args.command not in (cmd, "table"):
+            continue
+        missing = missing_runs({f"{p} seed {s}": args.runs / p / f"seed{s}" for p in presets for s in args.seeds})
+        note = ("\nMissing runs (the tables average the others):\n" + "\n".join(missing) + "\n") if missing else ""
+        missing_all += missing
+        if cmd == "benchmark":
+            text = benchmark_table(res, BENCH) + note
+            print("## Benchmark: recall and accuracy in %, mean ± std over seeds\n\n" + text)
+        else:
+            text = ablation_table(res, ABLATION) + "\n" + weights_table(res, ABLATION) + note
+            print("## Ablation (%, mean ± std over seeds)\n\n" + text)
+        (args.out / name).write_text(text)
+    return 1 if missing_all else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

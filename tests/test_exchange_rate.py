@@ -50,3 +50,26 @@ def test_exchange_rate_end_to_end_on_the_tiny_simulator(tmp_path, cache_dir, mon
     assert set(res["fits"]) == {"recall@10", "category probe", "colour probe"}
     assert (out / "exchange_rate.md").read_text().count("|") > 20
     assert (out / "exchange_rate.png").stat().st_size > 10_000
+
+
+def test_a_variant_that_fails_is_a_missing_point(tmp_path, cache_dir, monkeypatch):
+    """Two readable tables and one that does not exist: the two are measured (a CTR run each), the
+    third is listed as missing in the table, and the script's exit status says so."""
+    from conftest import attribute_vectors
+    from ctr.data.sources.simulator import SimulatorSource, simulate
+    from encoders.export import write_table
+
+    emb = tmp_path / "emb"
+    monkeypatch.setenv("CTR_EMBED_DIR", str(emb))
+    monkeypatch.setenv("CTR_CACHE_DIR", str(cache_dir))
+    truth = simulate(SimulatorSource("tiny", seed=0).config()).item_truth
+    for k in (1, 2):
+        write_table(truth["item_id"].to_numpy(), attribute_vectors(truth, seed=k), emb, f"good{k}")
+    out = tmp_path / "er"
+    res = er.main(["--out", str(out), "--sim-preset", "tiny", "--tables", "good1", "nosuchtable", "good2",
+                   "--", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "logger=none"])
+    assert [r["fingerprint"] for r in res["rows"]] == ["good1", "good2"]
+    assert [m["fingerprint"] for m in res["missing"]] == ["nosuchtable"]
+    assert "FileNotFoundError" in res["missing"][0]["errors"][0]
+    md = (out / "exchange_rate.md").read_text()
+    assert "Missing points (1 of 3 variants" in md and "nosuchtable" in md
