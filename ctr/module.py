@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from ctr.data.batch import Batch
-from ctr.guards import NonFiniteGuard
+from ctr.guards import GuardedModule, NonFiniteGuard
 from ctr.metrics import ctr_metrics
 from ctr.runs import all_sum, fitting
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-class CTRModule(pl_.LightningModule):
+class CTRModule(GuardedModule, pl_.LightningModule):
     """BCE on logits; torchmetrics AUC / GAUC / logloss / calibration on val and every eval split.
 
     ``eval_splits`` names the test dataloaders in order (e.g. ``["test", "test_random"]``); their
@@ -90,17 +90,11 @@ class CTRModule(pl_.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.nonfinite.grads_ok(self, optimizer)
-
-    def on_fit_end(self) -> None:
-        self.nonfinite.check_weights(self)
-
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         now = time.perf_counter()
         self.train_seconds += now - self._t_prev  # type: ignore[operator]
         self._t_prev = now
-        self.nonfinite.end_step()
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's step ends
         if self.nonfinite.step_skipped:  # the same on every rank: no rank waits in all_sum below
             return
         hist = int(batch.seq_len.sum()) if batch.seq_len is not None else 0
@@ -115,15 +109,15 @@ class CTRModule(pl_.LightningModule):
         self._t_prev = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # a resumed run counts on
+        super().on_save_checkpoint(checkpoint)
         checkpoint["seen"] = {"samples": self.train_samples, "history_tokens": self.history_tokens}
-        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if fitting(self):  # resuming; not reloading the best weights for evaluation
             seen = checkpoint.get("seen") or {}
             self.train_samples = int(seen.get("samples", 0))
             self.history_tokens = int(seen.get("history_tokens", 0))
-            self.nonfinite.load_state_dict(checkpoint.get("nonfinite") or {})
 
     @property
     def train_samples_per_s(self) -> float:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctr.guards import NonFiniteGuard
+from ctr.guards import GuardedModule, NonFiniteGuard
 from ctr.optim import warmup_cosine
 from ctr.runs import all_sum, fitting
 from encoders.data import TASKS
@@ -55,7 +55,7 @@ from encoders.towers import ProjectionHead
 OPTIMIZERS = ("adamw", "sgd")
 
 
-class ContrastiveModule(pl.LightningModule):
+class ContrastiveModule(GuardedModule, pl.LightningModule):
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module | None = None, *,
                  embed_dim: int = 128, head_hidden: int | None = None,
                  tasks: dict[str, float] | None = None, image_size: int = 64,
@@ -240,16 +240,15 @@ class ContrastiveModule(pl.LightningModule):
                 "images": int(self.images_seen)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["seen"] = {"tasks": self.seen, "images": self.images_seen}
-        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         seen = checkpoint.get("seen")
         if seen and fitting(self):  # resuming; not reloading the best weights for evaluation
             self.seen.update({t: dict(c) for t, c in seen["tasks"].items() if t in self.seen})
             self.images_seen = int(seen["images"])
-        if fitting(self):
-            self.nonfinite.load_state_dict(checkpoint.get("nonfinite") or {})
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         t0 = self._t_step = time.perf_counter()
@@ -300,11 +299,8 @@ class ContrastiveModule(pl.LightningModule):
         if not self.nonfinite.grads_ok(self, optimizer):
             self._restore_seen()
 
-    def on_fit_end(self) -> None:
-        self.nonfinite.check_weights(self)
-
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        self.nonfinite.end_step()
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's step ends
         for s in self.scales.values():
             s.clamp_()
         now = time.perf_counter()

@@ -331,3 +331,236 @@ def test_real_catalogue_sample_replaces_bad_photos(tmp_path):
     assert cat.image_failures["skipped"] == 1 and cat.image_failures["examples"][0]["item_id"] == "0003"
     with pytest.raises(ContractError, match="too few products with a usable photo"):
         load_catalogue("hm", 5, np.random.default_rng(0), tmp_path, bad_images="skip")
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy through its other callers: the simulator's real catalogue, MOON2.0, Creative4U
+
+
+_SIM_TINY = dict(n_users=4, n_requests=12, n_random_requests=4, k=2, days=1.0, random_days=1.0)
+
+
+def _hm_folder(root, n: int = 6, bad: int = 3, moon2: bool = False):
+    """A tiny H&M catalogue in ``root/hm_fashion_images_sample``: articles 0000..000{n-1}, the
+    photo of article ``bad`` truncated (``moon2``: with the attribute columns MOON2.0 reads)."""
+    d = root / "hm_fashion_images_sample"
+    d.mkdir(parents=True)
+    ids = [f"{i:04d}" for i in range(n)]
+    cols = {"article_id": ids, "product_code": [str(i // 2) for i in range(n)],
+            "product_type_name": ["Dress", "Top"] * (n // 2), "colour_group_name": ["Red", "Blue"] * (n // 2),
+            "graphical_appearance_name": ["Solid"] * n, "perceived_colour_value_name": ["Dark"] * n,
+            "prod_name": [f"name {i}" for i in ids], "detail_desc": ["A garment."] * n}
+    if moon2:
+        cols["garment_group_name"] = ["Jersey"] * n
+    pl.DataFrame(cols).write_csv(d / "articles.csv")
+    photos = [_enc(Image.new("RGB", (16, 24), RED if i % 2 == 0 else BLUE), "JPEG") for i in range(n)]
+    photos[bad] = photos[bad][:100]  # truncated
+    pl.DataFrame({"article_id": ids, "jpeg": photos}).write_parquet(d / "images.parquet")
+    return d
+
+
+def test_simulator_real_catalogue_follows_the_policy(tmp_path, monkeypatch):
+    from ctr.data.sources.simulator import SimConfig, SimulatorSource, simulate
+
+    _hm_folder(tmp_path)
+    monkeypatch.setenv("CTR_DATA_DIR", str(tmp_path))
+    with pytest.raises(ContractError, match=r"images.parquet, column 'jpeg', row 3 .*article_id 0003: cannot decode"):
+        simulate(SimConfig(catalogue="hm", n_items=6, **_SIM_TINY))  # every product drawn: 0003 too
+    src = SimulatorSource("tiny", overrides={"catalogue": "hm", "n_items": 6, **_SIM_TINY})
+    with pytest.raises(ContractError, match=r"row 3 .*article_id 0003"):  # the CTR stage's source
+        src.load()
+    # skip: 0003 is replaced by the product not drawn yet; a seed that draws it, so it is counted
+    for seed in range(10):
+        d = simulate(SimConfig(catalogue="hm", n_items=5, seed=seed, bad_images="skip", **_SIM_TINY))
+        assert sorted(d.item_truth["source_id"].to_list()) == ["0000", "0001", "0002", "0004", "0005"]
+        if d.catalogue.image_failures:
+            break
+    f = d.catalogue.image_failures
+    assert f["policy"] == "skip" and f["skipped"] == 1 and f["reasons"] == {"truncated": 1}
+    assert (f["examples"][0]["row"], f["examples"][0]["item_id"]) == (3, "0003")
+    tables = SimulatorSource("tiny", seed=seed, bad_images="skip",
+                             overrides={"catalogue": "hm", "n_items": 5, **_SIM_TINY}).load()
+    assert tables.items.equals(d.items)
+    with pytest.raises(ValueError, match="bad_images='drop'"):
+        SimConfig(bad_images="drop")
+    with pytest.raises(ValueError, match="max_image_pixels=0"):
+        SimConfig(max_image_pixels=0)
+
+
+def test_simulator_fingerprint_changes_with_the_policy_only(tmp_path, monkeypatch):
+    import hashlib
+
+    from ctr.data.sources.simulator import PRESETS, SIM_VERSION, SimConfig, SimulatorSource
+    from encoders.images import MAX_PIXELS
+
+    for preset in PRESETS:  # the defaults keep the fingerprints they had before the knobs
+        cfg = SimConfig.preset(preset).to_dict()
+        for k in ("catalogue", "bad_images", "max_image_pixels"):
+            del cfg[k]
+        want = hashlib.sha256(json.dumps({"config": cfg, "version": SIM_VERSION}, sort_keys=True,
+                                         default=str).encode()).hexdigest()
+        assert SimulatorSource(preset).fingerprint() == want
+        assert SimulatorSource(preset, bad_images="fail", max_image_pixels=MAX_PIXELS).fingerprint() == want
+    _hm_folder(tmp_path)
+    monkeypatch.setenv("CTR_DATA_DIR", str(tmp_path))
+    real = {"catalogue": "hm", "n_items": 5, **_SIM_TINY}
+    fps = {SimulatorSource("tiny", overrides=real).fingerprint(),
+           SimulatorSource("tiny", overrides=real, bad_images="skip").fingerprint(),
+           SimulatorSource("tiny", overrides={**real, "bad_images": "skip"}).fingerprint(),
+           SimulatorSource("tiny", overrides=real, max_image_pixels=10_000).fingerprint()}
+    assert len(fps) == 3  # the policy as a field or an override is the same config
+    assert SimulatorSource("tiny", bad_images="skip").describe() == SimulatorSource("tiny").describe()
+
+
+def test_ctr_sim_config_passes_the_policy_to_the_simulator():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    from ctr.runs import compose_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cfg = compose_config(conf, ["data=sim", "data.source.bad_images=skip", "data.source.max_image_pixels=1000"],
+                         cache_dir="/tmp", run_dir="/tmp")
+    src = instantiate(cfg.data.source, _convert_="all")
+    assert (src.config().bad_images, src.config().max_image_pixels) == ("skip", 1000)
+    default = instantiate(compose_config(conf, ["data=sim"], cache_dir="/tmp", run_dir="/tmp").data.source,
+                          _convert_="all")
+    assert (default.config().bad_images, default.config().max_image_pixels) == ("fail", None)
+
+
+def _fashion_folder(root, n: int = 5, bad: int = 2):
+    """A tiny Fashion Product Images folder: ids 10..10+n-1, photos in reverse id order in the
+    parquet, the photo of id ``10 + bad`` undecodable."""
+    d = root / "fashion_product_images_small"
+    d.mkdir(parents=True)
+    ids = list(range(10, 10 + n))
+    pl.DataFrame({"id": [str(i) for i in ids], "productDisplayName": [f"item {i}" for i in ids],
+                  "baseColour": [f"c{i}" for i in ids], "usage": ["Casual"] * n, "subCategory": ["Topwear"] * n,
+                  "articleType": ["Tshirts", "Shirts"] * (n // 2) + ["Tops"] * (n % 2)}).write_csv(d / "styles.csv")
+    photos = {i: _enc(Image.new("RGB", (6, 8), _colour(i - 10)), "JPEG") for i in ids}
+    photos[10 + bad] = b"not a jpeg"
+    rev = ids[::-1]  # parquet row of id i: n - 1 - (i - 10)
+    pl.DataFrame({"id": rev, "jpeg": [photos[i] for i in rev]}).write_parquet(d / "images.parquet")
+    return d
+
+
+def test_moon2_sources_follow_the_policy(tmp_path):
+    from encoders.moon2.datamodule import Moon2DataModule
+    from encoders.moon2.features import fashion_products, hm_products
+
+    _fashion_folder(tmp_path)
+    # fail: images.parquet's own column and row (id 12 is parquet row 2 of 5, reversed: row 2)
+    with pytest.raises(ContractError, match=r"fashion_product_images_small/images.parquet, column 'jpeg', row 2 "
+                                            r".*item_id 12: cannot decode image"):
+        fashion_products(8, None, data_dir=str(tmp_path), held_out=None)
+    p = fashion_products(8, None, data_dir=str(tmp_path), held_out=None, bad_images="skip")
+    assert p.items.item_ids.tolist() == [10, 11, 13, 14] and len(p.items.images) == 4
+    assert p.attrs["colour"].tolist() == ["c10", "c11", "c13", "c14"]  # the attributes follow the kept items
+    assert p.items.titles == ["item 10", "item 11", "item 13", "item 14"]
+    s = p.items.image_failures.summary()
+    assert s["skipped"] == 1 and s["column"] == "jpeg" and s["source"].endswith("images.parquet")
+    assert [(x["row"], x["item_id"], x["reason"]) for x in s["examples"]] == [(2, 12, "unidentified")]
+
+    _hm_folder(tmp_path / "hmroot", moon2=True)
+    hm = str(tmp_path / "hmroot")
+    with pytest.raises(ContractError, match=r"images.parquet, column 'jpeg', row 3 .*item_id 3: cannot decode"):
+        hm_products(8, None, data_dir=hm, held_out=(1.0, 0.0, 0.0))
+    p = hm_products(8, None, data_dir=hm, held_out=(1.0, 0.0, 0.0), bad_images="skip")
+    assert p.items.item_ids.tolist() == [0, 1, 2, 4, 5] and p.attrs["colour"].tolist() == ["Red", "Blue", "Red",
+                                                                                           "Red", "Blue"]
+    assert p.items.image_failures.summary()["examples"][0]["row"] == 3
+
+    # the data module hands its data settings to every source (towers left out: no tokens here)
+    dm = Moon2DataModule(None, None, data_dir=str(tmp_path), held_out=(1.0, 0.0, 0.0), bad_images="skip",
+                         max_image_pixels=10_000)
+    dm._tokens = lambda products: None
+    products, _ = dm.load("fashion", None)
+    assert products.items.image_failures.summary()["skipped"] == 1
+    with pytest.raises(ValueError, match="bad_images='drop'"):
+        Moon2DataModule(None, None, bad_images="drop")
+    assert json.dumps(products.items.image_failures.summary())
+
+
+def _creative_folder(root):
+    """A data folder from the pairs command (12 products), the image of the first training pair's
+    creative A truncated. Returns (folder, its creatives.parquet row, its creative_id)."""
+    from ctr.creative.pairs import main as pairs_main
+
+    out = pairs_main(["--out", str(root / "data"), "--n-products", "12", "--seed", "2"])
+    creatives = pl.read_parquet(out / "creatives.parquet")
+    cid = pl.read_parquet(out / "pairs.parquet").filter(pl.col("split") == "train")["creative_a"][0]
+    row = creatives["creative_id"].to_list().index(cid)
+    img = creatives["image"][row]
+    creatives.with_columns(pl.when(pl.col("creative_id") == cid).then(pl.lit(img[: len(img) // 3]))
+                           .otherwise(pl.col("image")).alias("image")).write_parquet(out / "creatives.parquet")
+    return out, row, cid
+
+
+def test_creative_images_follow_the_policy(tmp_path):
+    from ctr.creative.data import CreativeDataModule
+
+    out, row, cid = _creative_folder(tmp_path)
+    kw = dict(dir=str(out), image_size=16, tokens=False, cot=True)
+    with pytest.raises(ContractError, match=rf"creatives.parquet, column 'image', row {row} .*creative_id {cid}: "
+                                            r"cannot decode image \(truncated\)"):
+        CreativeDataModule(**kw).setup()
+    dm = CreativeDataModule(**kw, bad_images="skip")
+    dm.setup()
+    t, pairs = dm.tables, pl.read_parquet(out / "pairs.parquet")
+    assert cid not in t.creatives["creative_id"].to_list() and len(dm.images.pixels) == t.creatives.height
+    shows = (pl.col("creative_a") == cid) | (pl.col("creative_b") == cid)
+    assert dm.pairs_without_image == pairs.filter(shows).height > 0
+    assert sum(dm.splits[s].height for s in dm.splits) == pairs.height - dm.pairs_without_image
+    ids = t.creatives["creative_id"].to_numpy()
+    for s, df in dm.splits.items():  # the renumbered rows still point at each pair's creatives
+        assert (ids[df["row_a"].to_numpy()] == df["creative_a"].to_numpy()).all()
+        assert (ids[df["row_b"].to_numpy()] == df["creative_b"].to_numpy()).all()
+    s = dm.image_failures.summary()
+    assert s["skipped"] == 1 and s["reasons"] == {"truncated": 1} and s["source"].endswith("creatives.parquet")
+    assert [(x["row"], x["item_id"]) for x in s["examples"]] == [(row, cid)]
+    assert cid not in dm.cells("train")["creative_id"].to_list()
+
+
+def _compose(stage: str, overrides: list[str], tmp_path, run: str = "run"):
+    from pathlib import Path
+
+    from ctr.runs import compose_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / stage
+    return compose_config(conf, [*overrides, "logger=csv", "trainer.enable_progress_bar=false"],
+                          run_dir=tmp_path / run, cache_dir=tmp_path / "cache")
+
+
+def test_moon2_run_reports_skipped_photos_in_metrics_json(tmp_path):
+    from omegaconf import open_dict
+
+    from encoders.moon2.train import train
+
+    _fashion_folder(tmp_path, n=12, bad=2)
+    _hm_folder(tmp_path, n=12, bad=3, moon2=True)
+    cfg = _compose("moon2", ["experiment=dual_encoder", "trainer.fast_dev_run=true", "data.bad_images=skip",
+                             "data.held_out=[0.4,0.3,0.3]", "data.batch_size=4", "image_size=32"], tmp_path)
+    with open_dict(cfg):
+        cfg.data.data_dir = str(tmp_path)
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    hm, fashion = saved["image_failures"]["hm"], saved["image_failures"]["fashion"]
+    assert (hm["skipped"], hm["examples"][0]["row"], hm["examples"][0]["item_id"]) == (1, 3, 3)
+    assert (fashion["skipped"], fashion["examples"][0]["item_id"], fashion["reasons"]) == (1, 12, {"unidentified": 1})
+    assert saved["items"]["hm"]["n"] == saved["items"]["fashion"]["n"] == 11
+
+
+def test_creative_run_reports_skipped_creatives_in_metrics_json(tmp_path):
+    from ctr.creative.train import train
+
+    out, row, cid = _creative_folder(tmp_path)
+    small = ["experiment=creative_sft_answer", "trainer.fast_dev_run=1", f"data.dir={out}", "data.image_size=64",
+             "data.batch_size=8", "policy.d_model=32", "policy.n_layers=1", "policy.n_heads=2"]
+    with pytest.raises(ContractError, match=rf"creatives.parquet, column 'image', row {row} .*creative_id {cid}"):
+        train(_compose("creative", small, tmp_path, run="failed"))
+    m = train(_compose("creative", [*small, "data.bad_images=skip"], tmp_path))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["image_failures"] == m["image_failures"]
+    assert saved["image_failures"]["skipped"] == 1 and saved["image_failures"]["examples"][0]["item_id"] == cid
+    assert saved["data"]["pairs_without_image"] > 0

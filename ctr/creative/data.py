@@ -6,13 +6,21 @@ and the labelled ``pairs``, either read from a folder written by ``python -m ctr
 :class:`CreativeDataModule` turns the pairs into batches of ``{"a", "b"}`` (creative rows), the
 prompt, the target completion and the label, and holds the creatives' decoded images and, for the
 small selector, the frozen image tower's token features.
+
+Creative images are procedurally rendered PNGs in a simulated world, but a data folder (``dir``,
+written by hand) may hold any image bytes or paths, so they follow the bad-image policy of
+:mod:`encoders.images`. A creative whose image cannot be used (null, missing file, 0 bytes, zero
+size, unknown format, truncated, over ``max_image_pixels``): under ``bad_images="fail"`` (default) a
+:class:`ContractError` names ``creatives.parquet``, its ``image`` column, the bad rows and the first
+one's ``creative_id`` and reason; under ``"skip"`` such creatives are left out, with every pair that
+shows one (counted in ``pairs_without_image``), and reported in ``image_failures``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,7 @@ from ctr.creative.pairs import SPLITS, PairConfig, check_log, build_pairs
 from ctr.creative.prompts import answer_only, prompt_expr, rationale, swap_text
 from ctr.creative.world import ASPECTS, CREATIVE_LEVELS, Attractiveness, CreativeSimConfig, simulate_creatives
 from ctr.data.contract import ContractError, bad_rows
+from encoders.images import MAX_PIXELS, ImageFailures, check_image_settings, decode_images
 
 DATA_VERSION = 1
 #: table -> columns every creative data folder needs
@@ -250,14 +259,20 @@ class CreativeDataModule(L.LightningDataModule):
     """Batches of creative pairs for the selectors (train / val / test splits by product).
 
     ``cot``: targets are rationales (else answer only). ``tokens``: compute the image tower's token
-    features (the small selector's input). ``both_orders``: train on every pair in both orders."""
+    features (the small selector's input). ``both_orders``: train on every pair in both orders.
+    ``bad_images`` / ``max_image_pixels``: what a creative whose image cannot be used does (see the
+    module's docstring)."""
 
     def __init__(self, dir: str | None = None, sim: dict | None = None, pairs: dict | None = None,
                  image_size: int = 128, batch_size: int = 64, eval_batch_size: int = 256,
                  cot: bool = True, tokens: bool = True, both_orders: bool = False,
                  image_tower: torch.nn.Module | None = None, cache_dir: str | None = None,
-                 limit_pairs: int | None = None):
+                 limit_pairs: int | None = None, bad_images: str = "fail", max_image_pixels: int = MAX_PIXELS):
         super().__init__()
+        check_image_settings(bad_images, max_image_pixels)
+        self.bad_images, self.max_image_pixels = bad_images, max_image_pixels
+        self.image_failures = ImageFailures(policy=bad_images)  # creatives left out ("skip")
+        self.pairs_without_image = 0  # pairs left out with them
         self.dir, self.sim, self.pairs_cfg = dir, dict(sim or {}), dict(pairs or {})
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.cot, self.want_tokens, self.both_orders = cot, tokens, both_orders
@@ -269,31 +284,66 @@ class CreativeDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tables is not None:
             return
-        from encoders.images import build_image_cache
-
         t = load_tables(self.dir, self.sim, self.pairs_cfg, self.cache_dir)
-        df = pair_texts(t, t.pairs, self.cot)
+        df = pair_texts(t, t.pairs, self.cot)  # checked against every creative: rows as in the files
+        decoded = self._decode(t)
+        if len(decoded.failures):  # leave out the creatives with a bad image and the pairs showing one
+            t, df = self._without(t, df, decoded)
         for s in ("train", "val", "test"):
             part = df.filter(pl.col("split") == s)
             self.splits[s] = part.head(self.limit_pairs) if self.limit_pairs else part
         if self.splits["train"].height == 0:
             raise ValueError(f"{t.source}: no training pairs (check the pair thresholds)")
-        src = f"{t.source}/creatives.parquet"
-        pixels = build_image_cache(t.creatives["image"].to_list(), self.image_size,
-                                   None if self.cache_dir is None else Path(self.cache_dir) / "images",
-                                   source=src)
+        pixels = decoded.pixels
         tokens = None
         if self.want_tokens:
-            from encoders.images import images_fingerprint
             from encoders.moon2.features import image_token_cache
             from encoders.towers import ImageTower
 
             tower = self.image_tower or ImageTower("efficientnet_lite0", pretrained=True,
                                                    img_size=self.image_size, freeze=True)
-            key = images_fingerprint(t.creatives["image"].to_list(), self.image_size, source=src)
-            tokens = image_token_cache(tower, pixels, key, self.cache_dir, self.image_size)
+            # the images' fingerprint with the policy and pixel limit (under the defaults: the same
+            # key as before the policy existed, so existing token caches are reused)
+            tokens = image_token_cache(tower, pixels, decoded.fingerprint, self.cache_dir, self.image_size)
         self.images = CreativeImages(pixels, tokens)
         self.tables = t
+
+    def _decode(self, t: CreativeTables):
+        """The creatives' images under the bad-image policy (rows of ``creatives.parquet``); errors
+        and failures name the ``creative_id``."""
+        src, ids = f"{t.source}/creatives.parquet", t.creatives["creative_id"].to_list()
+        try:
+            decoded = decode_images(t.creatives["image"].to_list(), self.image_size,
+                                    None if self.cache_dir is None else Path(self.cache_dir) / "images",
+                                    source=src, column="image", bad_images=self.bad_images,
+                                    max_pixels=self.max_image_pixels)
+        except ContractError as e:  # "fail": name the creative too
+            if e.source != src or not e.rows:
+                raise
+            raise ContractError(src, e.column, f"creative_id {ids[e.rows[0]]}: {e.problem}", e.rows) from None
+        f = decoded.failures
+        if len(f):
+            f = decoded.failures = replace(f, item_ids=[ids[r] for r in f.rows])
+        if len(decoded.kept) == 0:
+            raise ContractError(src, "image", f"every image is bad ({f.summary()['reasons']}), e.g. "
+                                              f"creative_id {f.item_ids[0]}: {f.messages[0]}", f.rows)
+        self.image_failures = f
+        return decoded
+
+    def _without(self, t: CreativeTables, df: pl.DataFrame, decoded) -> tuple[CreativeTables, pl.DataFrame]:
+        """``t`` and the pair texts ``df`` without the creatives ``decoded`` left out: the creatives
+        follow the decoded rows (``row_a`` / ``row_b`` renumbered), their pairs are dropped (counted);
+        the log keeps them (:meth:`cells` joins on the kept creatives)."""
+        bad = pl.Series(decoded.failures.item_ids, dtype=t.creatives["creative_id"].dtype).implode()
+        shows_bad = pl.col("creative_a").is_in(bad) | pl.col("creative_b").is_in(bad)
+        new_row = np.full(t.creatives.height, -1, np.int64)
+        new_row[decoded.kept] = np.arange(len(decoded.kept))
+        df = df.filter(~shows_bad)
+        df = df.with_columns(pl.Series("row_a", new_row[df["row_a"].to_numpy()]),
+                             pl.Series("row_b", new_row[df["row_b"].to_numpy()]))
+        pairs = t.pairs.filter(~shows_bad)
+        self.pairs_without_image = t.pairs.height - pairs.height
+        return replace(t, creatives=t.creatives[decoded.kept], pairs=pairs), df
 
     def dataset(self, split: str, swapped: bool = False) -> PairDataset:
         return PairDataset(self.splits[split], swapped)

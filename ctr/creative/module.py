@@ -16,6 +16,19 @@ logged winner; ``val/format``: the output is well formed).
   completions (``loss_agg=seq_mean``, as in the GRPO paper) or over all tokens (``token_mean``).
   ``updates_per_batch`` optimiser steps reuse each sampled batch (the ratio's "old" policy is the
   sampling one). Dropout is off while sampling and updating.
+
+``nonfinite`` (the config's ``sft.nonfinite`` / ``grpo.nonfinite``): what a NaN/inf training loss
+or gradient does, ``"fail"`` (stop, naming the epoch, step, batch and the inputs, outputs and
+parameters holding NaN/inf) or ``"skip"`` (skip the batch, counted in ``nonfinite.skipped`` and
+kept in checkpoints); see :mod:`ctr.guards`. GRPO optimises manually: it checks that the weights
+are finite before sampling (NaN probabilities cannot be sampled), each update's loss, and each
+update's gradients before they are clipped (in ``on_before_optimizer_step``, which Lightning
+calls inside ``opt.step()``). A skipped GRPO batch takes none of its ``updates_per_batch``
+updates: the optimiser still steps (without gradients: AdamW leaves every weight and its state
+as they are) and so does the learning-rate schedule, so that the step count is the same as in a
+run without skips, and when an update after the first is the one that meets a NaN/inf, the
+weights and AdamW state are put back as they were before the batch. Non-finite weights at the end
+of fitting always stop the run.
 """
 
 from __future__ import annotations
@@ -28,8 +41,9 @@ import torch
 from torch import Tensor
 
 from ctr.creative.prompts import parse, rewards
-from ctr.optim import warmup_cosine
 from ctr.creative.selector import Policy
+from ctr.guards import GuardedModule, NonFiniteGuard
+from ctr.optim import warmup_cosine
 
 
 def frozen_copy(policy: Policy) -> Policy:
@@ -73,15 +87,17 @@ def grpo_objective(logp: Tensor, old: Tensor, ref: Tensor, adv: Tensor, mask: Te
     return loss, kl, ratio
 
 
-class SelectorModule(L.LightningModule):
-    """Shared parts: the policy, AdamW with warm-up and cosine decay, greedy validation."""
+class SelectorModule(GuardedModule, L.LightningModule):
+    """Shared parts: the policy, AdamW with warm-up and cosine decay, greedy validation, the
+    non-finite guard (``nonfinite``: ``"fail"`` or ``"skip"``)."""
 
     def __init__(self, policy: Policy, lr: float = 1e-3, weight_decay: float = 0.01,
-                 warmup_steps: int = 50, max_new_tokens: int = 96):
+                 warmup_steps: int = 50, max_new_tokens: int = 96, nonfinite: str = "fail"):
         super().__init__()
         self.policy = policy
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.max_new_tokens = max_new_tokens
+        self.nonfinite = NonFiniteGuard(nonfinite)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -97,6 +113,7 @@ class SelectorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the guard's skip count
         vocab = getattr(self.policy, "vocab", None)
         if vocab is not None:  # the small selector's words, checked when GRPO starts from this
             checkpoint["vocab"] = list(vocab.itos)
@@ -115,11 +132,15 @@ class SelectorModule(L.LightningModule):
 class SFTModule(SelectorModule):
     """Supervised fine-tuning on the batch's ``target`` completions (mean token cross-entropy)."""
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self.nonfinite.start_step(self)
         prompts = self.policy.prompts(batch)
         ids, mask = self.policy.encode(batch["target"])
         lp = self.policy.token_logprobs(prompts, ids, mask)
         loss = -lp.sum() / mask.sum()
+        if not self.nonfinite.loss_ok(self, loss, batch_idx, inputs={**batch, "prompts": prompts},
+                                      outputs={"token_logprobs": lp}):
+            return None  # skipped (nonfinite=skip): no backward, no optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(ids))
         return loss
 
@@ -132,8 +153,9 @@ class GRPOModule(SelectorModule):
                  max_new_tokens: int = 96, clip_eps: float = 0.2, kl_beta: float = 0.04,
                  updates_per_batch: int = 1, reward_format: float = 0.2, reward_accuracy: float = 1.0,
                  loss_agg: str = "seq_mean", lr: float = 1e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 10, max_grad_norm: float = 1.0, adv_eps: float = 1e-4):
-        super().__init__(policy, lr, weight_decay, warmup_steps, max_new_tokens)
+                 warmup_steps: int = 10, max_grad_norm: float = 1.0, adv_eps: float = 1e-4,
+                 nonfinite: str = "fail"):
+        super().__init__(policy, lr, weight_decay, warmup_steps, max_new_tokens, nonfinite)
         if group_size < 2:
             raise ValueError("GRPO needs group_size >= 2 (advantages are normalised within a group)")
         self.automatic_optimization = False
@@ -166,28 +188,78 @@ class GRPOModule(SelectorModule):
                 "flat_groups": float((std < 1e-6).float().mean()),
                 "length": float(mask.sum(1).float().mean())}
 
-    def grpo_loss(self, s: dict) -> tuple[Tensor, dict]:
+    def grpo_loss(self, s: dict, outputs: dict | None = None) -> tuple[Tensor, dict]:
+        """The GRPO loss of the sampled batch ``s`` and its KL / clipped share; ``outputs``, when
+        given, receives the tensors behind the loss (for a non-finite diagnosis)."""
         mask = s["mask"].float()
         lp = self.policy.token_logprobs(s["prompts"], s["ids"], s["mask"])
         loss, kl, ratio = grpo_objective(lp, s["old"], s["ref"], s["adv"], mask, self.clip_eps, self.kl_beta,
                                          self.loss_agg)
+        if outputs is not None:
+            outputs.update(token_logprobs=lp, old_logprobs=s["old"], ref_logprobs=s["ref"], advantages=s["adv"],
+                           ratio=ratio, kl=kl)
         n = mask.sum().clamp_min(1)
         clipped = ((ratio - 1).abs() > self.clip_eps).float()
         return loss, {"kl": float((kl.detach() * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n)}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Inside ``opt.step()``: the gradients checked (as they came from the backward pass), then
+        clipped to ``max_grad_norm``."""
+        if self.nonfinite.grads_ok(self, optimizer) and self.max_grad_norm and not self.nonfinite.step_skipped:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        s = self.sample(batch)
+        guard = self.nonfinite
+        guard.start_step(self)
+        s = self.sample(batch) if guard.weights_ok(self, batch_idx, inputs=batch, before="sampling") else None
+        # skip mode with several updates per batch: the weights and AdamW state before the batch, to
+        # put back when a later update meets a NaN/inf
+        saved = _snapshot(opt.optimizer) if guard.mode == "skip" and self.updates_per_batch > 1 else None
+        loss = info = None
         for _ in range(self.updates_per_batch):
-            loss, info = self.grpo_loss(s)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            if self.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            opt.step()
-            sched.step()
+            opt.zero_grad()  # to None: a skipped update steps without gradients, changing nothing
+            if not guard.step_skipped:
+                outputs: dict = {}
+                loss_u, info_u = self.grpo_loss(s, outputs)
+                if guard.loss_ok(self, loss_u, batch_idx, inputs={**batch, "prompts": s["prompts"],
+                                                                   "completions": s["ids"]}, outputs=outputs):
+                    self.manual_backward(loss_u)
+                    loss, info = loss_u, info_u
+            if not (guard.step_skipped and getattr(self.trainer.precision_plugin, "scaler", None) is not None):
+                opt.step()  # on_before_optimizer_step checks the gradients (a skip drops them), clips
+            sched.step()  # (fp16's scaler cannot step without gradients: a skipped update does not step)
+        if guard.step_skipped:
+            if saved is not None:
+                _restore(opt.optimizer, saved)
+            return None  # skipped (nonfinite=skip): nothing logged
         n = len(batch["label"])
         self.log_dict({"train/loss": loss.detach(), "train/reward": s["reward"], "train/accuracy": s["accuracy"],
                        "train/format": s["format"], "train/kl": info["kl"], "train/clip_frac": info["clip_frac"],
                        "train/flat_groups": s["flat_groups"], "train/length": s["length"]},
                       prog_bar=False, batch_size=n, on_step=True, on_epoch=True)
+
+
+def _snapshot(opt: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
+    """Copies of the optimiser's parameters and of its per-parameter state."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    with torch.no_grad():
+        weights = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in opt.state[p].items()}
+             for p in params if p in opt.state}
+    return weights, state
+
+
+def _restore(opt: torch.optim.Optimizer, saved: tuple[list[Tensor], dict]) -> None:
+    """Put back what :func:`_snapshot` copied: the weights in place, the state as it was (a
+    parameter without state then gets none)."""
+    weights, state = saved
+    params = [p for g in opt.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    for p in params:
+        if p in state:
+            opt.state[p] = state[p]
+        else:
+            opt.state.pop(p, None)

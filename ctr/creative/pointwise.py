@@ -6,6 +6,11 @@ MLP over ``[image, prompt, image * prompt]`` to a CTR logit. :class:`PointwiseMo
 every (context, creative) cell of the training products' impression log with the binomial
 log-likelihood of the clicks (per impression), and selects between two creatives by comparing
 their scores, which makes it order-swap consistent by construction.
+
+``nonfinite`` (the config's ``pointwise.nonfinite``): what a NaN/inf training loss or gradient
+does, ``"fail"`` (stop, naming the epoch, step, batch and the inputs, outputs and parameters
+holding NaN/inf) or ``"skip"`` (skip the batch, counted in ``nonfinite.skipped`` and kept in
+checkpoints); see :mod:`ctr.guards`. Non-finite weights at the end of fitting always stop the run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ctr.creative.selector import WordVocab, pad_ids
+from ctr.guards import GuardedModule, NonFiniteGuard
 from ctr.optim import warmup_cosine
 
 
@@ -65,15 +71,20 @@ class CellDataset(Dataset):
                 "prompt": [self.prompt[i] for i in idx]}
 
 
-class PointwiseModule(L.LightningModule):
-    def __init__(self, model: PointwiseCTR, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 50):
+class PointwiseModule(GuardedModule, L.LightningModule):
+    def __init__(self, model: PointwiseCTR, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 50,
+                 nonfinite: str = "fail"):
         super().__init__()
         self.model, self.lr, self.weight_decay, self.warmup_steps = model, lr, weight_decay, warmup_steps
+        self.nonfinite = NonFiniteGuard(nonfinite)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self.nonfinite.start_step(self)
         z = self.model(batch["row"], batch["prompt"])
         nll = -(batch["clicks"] * F.logsigmoid(z) + (batch["impressions"] - batch["clicks"]) * F.logsigmoid(-z))
         loss = (nll / batch["impressions"]).mean()
+        if not self.nonfinite.loss_ok(self, loss, batch_idx, inputs=batch, outputs={"logits": z, "nll": nll}):
+            return None  # skipped (nonfinite=skip): no backward, no optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(z))
         return loss
 

@@ -140,7 +140,7 @@ def fit_sft(cfg: DictConfig, dm, policy, run_dir: Path, target: str) -> tuple[ob
 
     s = cfg.sft
     module = SFTModule(policy, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
-                       max_new_tokens=cfg.eval.max_new_tokens)
+                       max_new_tokens=cfg.eval.max_new_tokens, nonfinite=s.get("nonfinite", "fail"))
     best, ckpt, trainer, seconds = _fit(cfg, run_dir, module, {"max_epochs": s.max_epochs}, datamodule=dm)
     return module, best, {"stage": f"sft_{target}", "fit_seconds": seconds,
                           "best_epoch": best_epoch(ckpt), "epochs": trainer.current_epoch, "checkpoint": best}
@@ -154,7 +154,8 @@ def fit_grpo(cfg: DictConfig, dm, policy, run_dir: Path) -> tuple[object, str | 
                         max_new_tokens=g.max_new_tokens, clip_eps=g.clip_eps, kl_beta=g.kl_beta,
                         updates_per_batch=g.updates_per_batch, reward_format=g.reward_format,
                         reward_accuracy=g.reward_accuracy, loss_agg=g.loss_agg, lr=g.lr,
-                        weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, max_grad_norm=g.max_grad_norm)
+                        weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, max_grad_norm=g.max_grad_norm,
+                        nonfinite=g.get("nonfinite", "fail"))
     dm.batch_size = g.prompts_per_step
     best, _, trainer, seconds = _fit(
         cfg, run_dir, module, {"max_epochs": -1, "max_steps": int(g.steps) * int(g.updates_per_batch),
@@ -177,7 +178,8 @@ def fit_pointwise(cfg: DictConfig, dm, run_dir: Path) -> tuple[object, str | Non
     tok = dm.images.tokens
     model = PointwiseCTR(vocabulary(dm), int(tok.shape[-1]), hidden=p.hidden, dropout=p.dropout)
     model.bind(dm.images)
-    module = PointwiseModule(model, lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps)
+    module = PointwiseModule(model, lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
+                             nonfinite=p.get("nonfinite", "fail"))
     best, ckpt, trainer, seconds = _fit(cfg, run_dir, module, {"max_epochs": p.max_epochs},
                                         train_dataloaders=cell_loader(dm.cells("train"), p.batch_size, True),
                                         val_dataloaders=dm.val_dataloader())
@@ -244,9 +246,13 @@ def train(cfg: DictConfig) -> dict:
         "axes": OmegaConf.to_container(cfg.axes, resolve=True) if cfg.get("axes") else {},
         "policy": cfg.policy.kind if stage != "pointwise" else "pointwise",
         "data": {"source": t.source, "creatives": t.creatives.height,
-                 **{f"pairs_{s}": dm.splits[s].height for s in ("train", "val", "test")}},
+                 **{f"pairs_{s}": dm.splits[s].height for s in ("train", "val", "test")},
+                 "pairs_without_image": dm.pairs_without_image},  # left out with a bad image (skip)
+        # creatives whose image could not be used (data.bad_images): policy, skipped, reasons, examples
+        "image_failures": dm.image_failures.summary(),
         "test": test, "val": {k: v for k, v in val.items() if k != "example"},
         "stages": stages, "data_seconds": data_s,
+        "skipped_batches": module.nonfinite.skipped,  # non-finite loss/gradients skipped ({stage}.nonfinite=skip)
         "parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "wall_seconds": time.perf_counter() - t_start, "checkpoint": best,
     }

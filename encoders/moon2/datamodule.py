@@ -4,6 +4,10 @@
 memory-maps) every token cache, and builds the co-augmented views of the training items (texts
 enriched from their attributes, ``n_views`` edited images each), whose edited images exist only
 as cached tokens. Validation and test items are never augmented.
+
+``bad_images`` (``"fail"`` / ``"skip"``) and ``max_image_pixels`` apply to every source's photos
+(:func:`encoders.data.items_from_table`); each source's skipped items are in
+``products.items.image_failures``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from encoders.images import MAX_PIXELS, check_image_settings
 from encoders.moon2.augment import AttributeEnricher, CallableEnricher, expand_images
 from encoders.moon2.data import AugViews, TokenChunks, TripleBatches
 from encoders.moon2.features import Products, TokenSet, image_token_cache, load_products, text_token_cache
@@ -25,8 +30,10 @@ class Moon2DataModule(pl.LightningDataModule):
                  image_size: int = 96, held_out=(0.8, 0.1, 0.1), n_items: int | None = None,
                  batch_size: int = 128, steps_per_epoch: int | None = None, eval_batch_size: int = 512,
                  coaug: dict | None = None, cache_dir: str | None = None, data_dir: str | None = None,
-                 seed: int = 0, enricher=None):
+                 seed: int = 0, enricher=None, bad_images: str = "fail", max_image_pixels: int = MAX_PIXELS):
         super().__init__()
+        check_image_settings(bad_images, max_image_pixels)
+        self.bad_images, self.max_image_pixels = bad_images, max_image_pixels
         self.image_tower, self.text_tower = image_tower, text_tower
         self.train_source, self.bench = train, dict(bench if bench is not None else {"hm": None})
         self.image_size, self.held_out, self.n_items = image_size, tuple(held_out), n_items
@@ -53,7 +60,7 @@ class Moon2DataModule(pl.LightningDataModule):
         if name not in self.sources:
             images = None if self.cache_dir is None else os.path.join(self.cache_dir, "images")
             p = load_products(name, self.image_size, images, data_dir=self.data_dir, held_out=self.held_out,
-                              n_items=n_items)
+                              n_items=n_items, bad_images=self.bad_images, max_pixels=self.max_image_pixels)
             self.sources[name] = (p, self._tokens(p))
         return self.sources[name]
 

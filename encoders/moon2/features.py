@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ctr.data.contract import ContractError, bad_rows
 from encoders.data import ItemSet, hm_items, items_from_table
-from encoders.images import to_float
+from encoders.images import MAX_PIXELS, to_float
 
 __all__ = ["Products", "hm_products", "fashion_products", "load_products", "TokenSet",
            "image_token_cache", "text_token_cache", "module_fingerprint"]
@@ -64,12 +64,15 @@ def _attr_table(path: Path, id_col: str, cols: dict[str, str], ids: np.ndarray, 
 
 
 def hm_products(size: int, cache_dir: str | None, data_dir: str | None = None,
-                held_out: tuple[float, float, float] = (0.8, 0.1, 0.1), n_items: int | None = None) -> Products:
+                held_out: tuple[float, float, float] = (0.8, 0.1, 0.1), n_items: int | None = None, *,
+                bad_images: str = "fail", max_pixels: int = MAX_PIXELS) -> Products:
     """The H&M sample: titles without colour (``prod_name, type. description``), colour variants
-    sharing ``product_code``; products held out whole."""
+    sharing ``product_code``; products held out whole. ``bad_images`` / ``max_pixels``: as in
+    :func:`encoders.data.hm_items` (a skipped article is left out of the items and the attributes;
+    ``items.image_failures`` names ``images.parquet``'s ``jpeg`` rows)."""
     from ctr.data.sources.catalogues import catalogue_files
 
-    items = hm_items(size, cache_dir, data_dir, held_out, n_items)
+    items = hm_items(size, cache_dir, data_dir, held_out, n_items, bad_images=bad_images, max_pixels=max_pixels)
     meta_path, _ = catalogue_files("hm", data_dir)
     attrs = _attr_table(meta_path, "article_id", HM_ATTRS, items.item_ids, lambda c: c.cast(pl.Int64))
     return Products(items, attrs)
@@ -77,10 +80,17 @@ def hm_products(size: int, cache_dir: str | None, data_dir: str | None = None,
 
 def fashion_products(size: int, cache_dir: str | None, data_dir: str | None = None,
                      held_out: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                     n_items: int | None = None) -> Products:
+                     n_items: int | None = None, *, bad_images: str = "fail",
+                     max_pixels: int = MAX_PIXELS) -> Products:
     """Fashion Product Images (small): title ``productDisplayName`` (the 7 rows without one get their
     ``articleType``; their ids are listed in ``items.meta["titles_filled"]``), each item its own
-    product, split by a stable hash of the id. ``n_items`` keeps a deterministic hash-ordered sample."""
+    product, split by a stable hash of the id. ``n_items`` keeps a deterministic hash-ordered sample
+    (drawn before bad photos are left out, so ``"skip"`` may keep fewer).
+
+    A bad photo (:func:`encoders.data.items_from_table`) follows ``bad_images``: ``"fail"`` raises a
+    :class:`ContractError` naming ``images.parquet``, its ``jpeg`` column, the row and the item id;
+    ``"skip"`` leaves the item out of the items and the attributes (``items.image_failures``, rows of
+    ``images.parquet``)."""
     from ctr.data.sources.catalogues import catalogue_files
 
     meta_path, img_path = catalogue_files("fashion", data_dir)
@@ -94,7 +104,8 @@ def fashion_products(size: int, cache_dir: str | None, data_dir: str | None = No
     if rows:
         raise ContractError(str(meta_path), "id/articleType", "null value", rows)
     meta = meta.with_columns(pl.col("id").cast(pl.Int64)).unique("id", keep="first")
-    photos = pl.read_parquet(img_path, columns=["id", "jpeg"]).with_columns(pl.col("id").cast(pl.Int64))
+    photos = (pl.read_parquet(img_path, columns=["id", "jpeg"]).with_row_index("__src_row")
+              .with_columns(pl.col("id").cast(pl.Int64)))
     df = meta.join(photos, on="id", how="inner")
     # sample order: SHA-1 of the id (CRC32, which splits the items, is affine in its input: a CRC-ordered
     # sample would fall into one split)
@@ -109,8 +120,20 @@ def fashion_products(size: int, cache_dir: str | None, data_dir: str | None = No
     df = df.sort("id").with_columns(pl.col("id").alias("item_id"), pl.col("jpeg").alias("image"),
                                     pl.col("productDisplayName").fill_null(pl.col("articleType")).alias("title"),
                                     pl.col("articleType").alias("category"))
-    items = items_from_table(df.select("item_id", "image", "title", "category"), size, cache_dir,
-                             source=str(img_path), held_out=held_out)
+    src_rows = df["__src_row"].to_list()  # each item's row in images.parquet
+    try:
+        items = items_from_table(df.select("item_id", "image", "title", "category"), size, cache_dir,
+                                 source=str(img_path), held_out=held_out, bad_images=bad_images,
+                                 max_pixels=max_pixels)
+    except ContractError as e:  # name the parquet's own column and rows
+        if e.column != "image":
+            raise
+        raise ContractError(str(img_path), "jpeg", e.problem, [src_rows[r] for r in e.rows]) from None
+    if len(items.image_failures):  # the attributes follow the kept rows
+        df = df[np.setdiff1d(np.arange(df.height), items.image_failures.rows)]
+        kept = set(df["id"].to_list())
+        filled = [i for i in filled if i in kept]
+    items.image_failures = items.image_failures.relabel(str(img_path), "jpeg", src_rows)
     items.meta = {"source": "fashion", "n_products": len(items), "titles_filled": filled}
     attrs = {a: df[c].fill_null("unknown").to_numpy().astype(str) for a, c in FASHION_ATTRS.items()}
     return Products(items, attrs)

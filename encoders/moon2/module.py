@@ -16,6 +16,12 @@ The objectives are combined with the modality-driven weights of
 objective's weight: the text-only pass (``t2mm``), the image-only pass (``i2mm``), the multimodal
 pass over the batch's queries, positives and negatives (``mm2mm``), the mean of the image-only and
 text-only passes (``intra``).
+
+``nonfinite`` (``optim.nonfinite`` in the config): what a NaN/inf training loss or gradient does,
+``"fail"`` (stop, naming the epoch, step, batch and the inputs, embeddings, losses and parameters
+holding NaN/inf) or ``"skip"`` (skip the batch: weights, AdamW state and buffers as they were
+before it; counted in ``nonfinite.skipped``, kept in checkpoints); see :mod:`ctr.guards`.
+Non-finite weights at the end of fitting always stop the run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from ctr.guards import GuardedModule, NonFiniteGuard
 from ctr.optim import warmup_cosine
 from encoders.losses import LogitScale
 from encoders.moon2.augment import consistency_keep
@@ -37,12 +44,12 @@ from encoders.moon2.objectives import (MarginSchedule, filter_weights, inter_pro
 OBJECTIVES = ("t2mm", "i2mm", "mm2mm", "intra")
 
 
-class Moon2Module(pl.LightningModule):
+class Moon2Module(GuardedModule, pl.LightningModule):
     def __init__(self, image_dim: int, text_dim: int, *, encoder: dict | None = None,
                  objectives: list[str] | tuple[str, ...] = OBJECTIVES, weighting: dict | None = None,
                  aux: dict | None = None, filtering: dict | None = None, consistency: dict | None = None,
                  logit_scale: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, nonfinite: str = "fail"):
         super().__init__()
         self.save_hyperparameters()
         enc = dict(encoder or {})
@@ -66,6 +73,7 @@ class Moon2Module(pl.LightningModule):
         self._margin: MarginSchedule | None = None
         self._val: dict[str, list] = {}
         self.evaluation: dict | None = None  # set by train(): {"group": [N] product of each row}
+        self.nonfinite = NonFiniteGuard(nonfinite)
 
     # ------------------------------------------------------------------ embedding
     def embed(self, image: Tensor | None = None, text: Tensor | None = None, mask: Tensor | None = None
@@ -90,7 +98,8 @@ class Moon2Module(pl.LightningModule):
                                           int(total) if math.isfinite(total) else 1000, f["schedule"])
         return self._margin(self.global_step)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self.nonfinite.start_step(self)
         objs = self.objectives
         b = batch["q_image"].shape[0]
         emb: dict[str, Tensor] = {}
@@ -105,15 +114,15 @@ class Moon2Module(pl.LightningModule):
             emb["q_image"], routing["image"] = self.embed(image=batch["q_image"])
 
         fw = torch.ones(b, device=batch["q_image"].device)
+        logs: dict[str, tuple[Tensor | float, bool]] = {}  # name -> (value, also per epoch), logged unless skipped
         if self.filtering["enabled"]:
             m = self.margin()
             score = reliability(emb["q_mm"].detach(), emb["p_mm"].detach(), emb["n_mm"].detach(),
                                 self.filtering["kappa"], m)
             fw = filter_weights(score, self.filtering["threshold"])
-            self.log("train/filtered_share", (score < self.filtering["threshold"]).float().mean(),
-                     on_step=True, on_epoch=True, batch_size=b)
-            self.log("train/filter_weight", fw.mean(), on_step=True, on_epoch=True, batch_size=b)
-            self.log("train/margin", float(m), batch_size=b)
+            logs["train/filtered_share"] = ((score < self.filtering["threshold"]).float().mean(), True)
+            logs["train/filter_weight"] = (fw.mean(), True)
+            logs["train/margin"] = (float(m), False)
 
         losses = {}
         for o, key in (("t2mm", "q_text"), ("i2mm", "q_image"), ("mm2mm", "q_mm")):
@@ -143,9 +152,17 @@ class Moon2Module(pl.LightningModule):
             balance = torch.stack([r.balance for r in routed]).mean()
             entropy = torch.stack([r.entropy for r in routed]).mean()
             total = total + self.aux["balance"] * balance + self.aux["entropy"] * entropy
-            self.log("train/balance", balance, batch_size=b)
-            self.log("train/router_entropy", entropy, batch_size=b)
-            self.log("train/expert_load_max", torch.stack([r.load for r in routed]).mean(0).max(), batch_size=b)
+            logs["train/balance"] = (balance, False)
+            logs["train/router_entropy"] = (entropy, False)
+            logs["train/expert_load_max"] = (torch.stack([r.load for r in routed]).mean(0).max(), False)
+        outputs = {**{f"{k}_embeddings": v for k, v in emb.items()}, "filter_weights": fw,
+                   **{f"{o}_loss": losses[o] for o in objs}, "objective_weights": w}
+        if routed:
+            outputs.update(balance=balance, router_entropy=entropy)
+        if not self.nonfinite.loss_ok(self, total, batch_idx, inputs=batch, outputs=outputs):
+            return None  # skipped (nonfinite=skip): no backward, no optimiser step
+        for k, (v, epoch) in logs.items():
+            self.log(k, v, on_step=True, on_epoch=epoch, batch_size=b)
         for o, wi in zip(objs, w):
             self.log(f"train/{o}_loss", losses[o], on_step=True, on_epoch=True, batch_size=b)
             self.log(f"train/w_{o}", wi.detach(), on_step=True, on_epoch=True, batch_size=b)
@@ -154,6 +171,7 @@ class Moon2Module(pl.LightningModule):
         return total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's step ends
         for s in self.scales.values():
             s.clamp_()
 

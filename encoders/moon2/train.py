@@ -78,6 +78,8 @@ def train(cfg: DictConfig) -> dict:
         "filtering": bool(cfg.model.filtering.enabled),
         "items": {name: {"n": len(p), "train": int((p.items.split == "train").sum()),
                          "test": int((p.items.split == "test").sum())} for name, (p, _) in dm.sources.items()},
+        # bad photos per source (data.bad_images): policy, skipped, reasons, examples (images.parquet rows)
+        "image_failures": {name: p.items.image_failures.summary() for name, (p, _) in dm.sources.items()},
         "augmented_views": 0 if dm.aug is None else int(len(dm.aug.keep)),
         "augmented_kept": None if dm.aug is None else int(dm.aug.keep.sum()),
         "val": val,
@@ -85,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
         "train_last": {k: v for k, v in logged.items() if k.endswith("_epoch") or "/w_" in k},
         "best_epoch": best_epoch(ckpt),
         "epochs": trainer.current_epoch,
+        "skipped_batches": module.nonfinite.skipped,  # non-finite loss/gradients skipped (optim.nonfinite=skip)
         "data_seconds": data_s,
         "fit_seconds": fit_s,
         "parameters": sum(p.numel() for p in module.parameters()),

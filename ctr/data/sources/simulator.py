@@ -87,14 +87,20 @@ the real text (H&M ``prod_name`` + the first sentence of ``detail_desc``; Fashio
 ``productDisplayName``), ``category`` the real category name, and ``item_truth`` gains ``source_id``
 (the original ``article_id`` / ``id``). The sample is drawn with the ``items`` generator, so it is
 deterministic per seed. With ``"procedural"`` the output is exactly what it was before the knob.
+A sampled product whose photo cannot be used (null, empty, undecodable, truncated, over
+``max_image_pixels``) follows ``bad_images`` [``"fail"``]: ``"fail"`` stops with a
+:class:`ContractError` naming ``images.parquet``, its ``jpeg`` column, the row and the product id;
+``"skip"`` replaces the product by a further draw (the catalogue keeps ``n_items`` products; they
+are reported in ``SimData.catalogue.image_failures`` and logged). Without a bad photo both policies
+give the same data. The procedural catalogue ignores both knobs (its images always decode).
 
 Outputs (see :class:`SimData`): ``items``, ``users``, ``events``, ``events_random``, plus the
 ground truth ``item_truth`` and ``user_truth`` (for tests and analysis only, never features).
 
 CLI: ``python -m ctr.data.sources.simulator --out DIR [--preset tiny|default|large] [--seed N]
-[--n-items ...] [--catalogue procedural|hm|fashion]`` writes ``items.parquet``, ``users.parquet``,
-``events.parquet``, ``events_random.parquet``, ``item_truth.parquet``, ``user_truth.parquet`` and
-``sim_config.json``.
+[--n-items ...] [--catalogue procedural|hm|fashion] [--bad-images fail|skip]`` writes
+``items.parquet``, ``users.parquet``, ``events.parquet``, ``events_random.parquet``,
+``item_truth.parquet``, ``user_truth.parquet`` and ``sim_config.json``.
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ from ctr.data.sources import images as img
 from ctr.data.sources.catalogues import CATALOGUES, Catalogue, catalogue_files, load_catalogue
 
 SIM_VERSION = 1  # bump when the generative model changes, so prepared artefacts are rebuilt
+#: ``SimConfig.bad_images`` values (those of ``encoders.images.BAD_IMAGE_POLICIES``, which imports torch)
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("fail", "skip")
 
 AGE_GROUPS: tuple[str, ...] = ("18-24", "25-34", "35-44", "45-54", "55+")
 AGE_PROBS: tuple[float, ...] = (0.22, 0.30, 0.22, 0.15, 0.11)
@@ -221,6 +229,11 @@ class SimConfig:
     position_eta: float = 0.7
     # --- catalogue ---
     catalogue: str = "procedural"  # "procedural" | "hm" | "fashion" (real photos from $CTR_DATA_DIR)
+    # a real catalogue's bad photos: "fail" (error naming file, column, row, product) | "skip"
+    # (replaced by further draws); max_image_pixels: width x height limit (None: the default of
+    # encoders.images.MAX_PIXELS, 200 MP). Part of the fingerprint only when not the default.
+    bad_images: str = "fail"
+    max_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         self.pattern_probs = tuple(float(x) for x in self.pattern_probs)
@@ -232,6 +245,11 @@ class SimConfig:
         if self.catalogue not in ("procedural", *CATALOGUES):
             raise ValueError(f"unknown catalogue {self.catalogue!r}; choose from "
                              f"{['procedural', *CATALOGUES]}")
+        if self.bad_images not in BAD_IMAGE_POLICIES:  # encoders.images' policies (no torch import here)
+            raise ValueError(f"bad_images={self.bad_images!r}; choose from {BAD_IMAGE_POLICIES}")
+        mp = self.max_image_pixels
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0):
+            raise ValueError(f"max_image_pixels={mp!r} must be a positive integer (width x height) or None")
         if self.position_bias_mode not in ("examination", "logit"):
             raise ValueError("position_bias_mode must be 'examination' or 'logit'")
         if self.k < 1 or self.k >= self.n_items:
@@ -400,7 +418,8 @@ def simulate(cfg: SimConfig | None = None) -> SimData:
         n_cat, n_col, n_pat, n_sh = len(img.CATEGORIES), len(img.COLOURS), len(img.PATTERNS), len(img.SHADES)
     else:  # a real catalogue: sampled with the items generator, before any other draw from it
         t = time.perf_counter()
-        real = load_catalogue(cfg.catalogue, n, rngs["items"], colour_sim_scale=cfg.colour_sim_scale)
+        real = load_catalogue(cfg.catalogue, n, rngs["items"], colour_sim_scale=cfg.colour_sim_scale,
+                              bad_images=cfg.bad_images, max_pixels=cfg.max_image_pixels)
         timings["catalogue"] = time.perf_counter() - t
         cat_names = tuple(real.categories)
         n_cat, n_col = len(real.categories), len(real.colours)
@@ -657,6 +676,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--catalogue", choices=["procedural", *CATALOGUES], default=None,
                     help="item catalogue: procedural images (default) or real photos from $CTR_DATA_DIR")
+    ap.add_argument("--bad-images", choices=list(BAD_IMAGE_POLICIES), default=None,
+                    help="a real catalogue's bad photos: fail (default) or skip (replaced by other products)")
+    ap.add_argument("--max-image-pixels", type=int, default=None,
+                    help="width x height over which a real photo is bad (default 200,000,000)")
     ap.add_argument("--quiet", action="store_true")
     return ap
 
@@ -665,7 +688,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
     over = {k: getattr(args, k) for k in ("seed", "n_items", "n_users", "n_requests", "k",
                                           "n_random_requests", "days", "random_days", "image_size",
-                                          "catalogue")}
+                                          "catalogue", "bad_images", "max_image_pixels")}
     cfg = SimConfig.preset(args.preset, **over)
     data = simulate(cfg)
     out = data.save(args.out)
@@ -691,22 +714,41 @@ class SimulatorSource:
     """Generates the data on load; its fingerprint is the generator config, so a prepared
     artefact is reused without simulating again (for a real catalogue, ``overrides:
     {catalogue: hm}``, the catalogue's files are part of it). The random-exposure log becomes the
-    extra evaluation split ``test_random``."""
+    extra evaluation split ``test_random``.
+
+    ``bad_images`` / ``max_image_pixels``: :class:`SimConfig`'s fields of the same names (a real
+    catalogue's bad photos); keys of ``overrides`` take precedence over them."""
 
     preset: str = "default"
     seed: int = 0
     overrides: dict = field(default_factory=dict)
     name: str = "sim"
+    bad_images: str = "fail"
+    max_image_pixels: int | None = None
 
     def config(self) -> SimConfig:
-        return SimConfig.preset(self.preset, seed=self.seed, **self.overrides)
+        policy = {"bad_images": self.bad_images, "max_image_pixels": self.max_image_pixels}
+        return SimConfig.preset(self.preset, seed=self.seed, **{**policy, **self.overrides})
 
     def describe(self) -> dict:
-        """What identifies the generated data (the encoders record the same for their items)."""
+        """What identifies the generated data (the encoders record the same for their items). The
+        bad-image policy is left out: data that load are the same under either policy (a bad photo
+        stops ``"fail"``), and the encoders' item metadata do not record it."""
         return {"source": self.name, "preset": self.preset, "seed": self.seed, "overrides": dict(self.overrides)}
 
     def fingerprint(self) -> str:
         cfg = self.config().to_dict()
+        # the bad-image settings enter only when they differ from the defaults, so the fingerprints
+        # of existing data stay (as ctr.data.prepare's settings_fingerprint does for max_vocab)
+        if cfg["bad_images"] == "fail":
+            del cfg["bad_images"]
+        if cfg["max_image_pixels"] is not None:
+            from encoders.images import MAX_PIXELS  # imports torch: only when a limit is set
+
+            if cfg["max_image_pixels"] == MAX_PIXELS:
+                del cfg["max_image_pixels"]
+        else:
+            del cfg["max_image_pixels"]
         if cfg["catalogue"] == "procedural":
             del cfg["catalogue"]  # the procedural data predate the knob: keep their fingerprints
         else:  # a real catalogue: its files are inputs too
