@@ -9,6 +9,9 @@ given (bit-identical on CPU). What makes that hold:
   flushes it to disk and renames it over the old one: a crash leaves the previous checkpoint
   intact, never a truncated one. It loads with ``torch.load(weights_only=True)``: tensors and
   plain containers only, never arbitrary pickled objects.
+* With ``checkpoint_every_n_steps`` (:class:`StepCheckpoint`) ``last.ckpt`` is also written every
+  N optimiser steps inside an epoch; a run resumed from one skips the epoch's batches already
+  trained and goes on as the uninterrupted run would.
 * :class:`ResumeState` keeps the random-number generators (torch, CUDA, numpy, python) and
   whether early stopping has fired in every checkpoint, so dropout masks and the stopping
   decision after a resume are those of the uninterrupted run. The data order is kept by the
@@ -126,30 +129,80 @@ def _python_state(s: tuple) -> list:
     return [version, list(internal), gauss]
 
 
+def batches_done(trainer) -> int:
+    """The training batches of the current epoch done when a checkpoint is taken inside an epoch
+    (``checkpoint_every_n_steps``, or validation within an epoch); 0 at an epoch's end or
+    outside ``fit``."""
+    if trainer is None or trainer.state.fn != "fit":
+        return 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return int(done) if 0 < done < trainer.num_training_batches else 0
+
+
 class ResumeState(Callback):
     """Saves the random-number generators and the early-stopping decision in every checkpoint and
     restores them when training resumes from one (see the module doc)."""
 
     def __init__(self) -> None:
         self._stop = False
+        self._rng: dict | None = None  # a mid-epoch checkpoint's generators, for the next batch
 
     def state_dict(self) -> dict:
         trainer = getattr(self, "_trainer", None)
-        return {"rng": rng_state(), "should_stop": bool(trainer.should_stop) if trainer is not None else False}
+        return {"rng": rng_state(), "should_stop": bool(trainer.should_stop) if trainer is not None else False,
+                "mid_epoch": batches_done(trainer) > 0}
 
     def load_state_dict(self, state: dict) -> None:
-        # Lightning restores callbacks just before the fit loop sets up its data; nothing draws a
-        # random number in between (its sanity check runs under isolate_rng)
-        set_rng_state(state["rng"])
         self._stop = bool(state.get("should_stop"))
+        if state.get("mid_epoch"):
+            # taken just before a batch: applied just before the resumed run's first batch, after
+            # the fit loop has created its data iterators (which may draw a seed)
+            self._rng = state["rng"]
+        else:
+            # taken at an epoch's end: Lightning restores callbacks just before the fit loop sets up
+            # the next epoch's data; nothing draws a random number in between (its sanity check
+            # runs under isolate_rng)
+            set_rng_state(state["rng"])
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if getattr(self, "_stop", False):
+        if self._stop:
             trainer.should_stop = True  # early stopping had fired before the interruption
         self._stop = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+
+
+class StepCheckpoint(Callback):
+    """``checkpoint_every_n_steps``: writes ``last.ckpt`` every ``every_n_steps`` optimiser steps
+    inside an epoch too, so that a killed run loses at most that many steps (the epoch-end
+    checkpoints stay). It saves at the start of a batch, once the previous one is wholly done (its
+    counters included); the resumed run skips the epoch's batches already trained (the data
+    modules' ``state_dict``) and goes on bit-identically."""
+
+    def __init__(self, every_n_steps: int, path: str | os.PathLike):
+        if int(every_n_steps) < 1:
+            raise ValueError(f"checkpoint_every_n_steps must be a positive integer or null, got {every_n_steps!r}")
+        self.every, self.path, self._last = int(every_n_steps), str(path), -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import warnings
+
+        # the data modules resume inside an epoch themselves (Lightning only knows stateful loaders)
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if (batch_idx == 0 or step == 0 or step % self.every or step == self._last
+                or trainer.fast_dev_run or trainer.sanity_checking):
+            return
+        self._last = step
+        trainer.save_checkpoint(self.path)
 
 
 def _comparable(cfg: dict) -> dict:

@@ -67,7 +67,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-    from ctr.resume import AtomicCheckpointIO, ResumeState
+    from ctr.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 
     metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
     # a reused run folder gets its best.ckpt replaced, never a best-v1.ckpt beside a stale one
@@ -76,6 +76,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
                            save_last=True)  # checkpoints/last.ckpt: what `resume=true` continues from
     callbacks = [ckpt, ResumeState(), *(extra_callbacks or []),
                  *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c)]
+    if cfg.get("checkpoint_every_n_steps"):  # last.ckpt inside epochs too (ctr/resume.py)
+        callbacks.append(StepCheckpoint(cfg.checkpoint_every_n_steps, run_dir / "checkpoints" / "last.ckpt"))
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
                                        patience=cfg.monitor.patience))

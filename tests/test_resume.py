@@ -56,6 +56,7 @@ def kill_and_resume(module: str, args: list[str], tmp_path: Path, env: dict, **k
     assert (run / "checkpoints" / "last.ckpt").exists()
     r = run_cli(module, cmd, env)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "csv" / "resume1").is_dir()  # it resumed (a fresh start would not keep the first log)
     return run
 
 
@@ -67,12 +68,15 @@ def clean_run(module: str, args: list[str], tmp_path: Path, env: dict) -> Path:
 
 
 @pytest.mark.slow
-def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
+@pytest.mark.parametrize("every", [None, 5])
+def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every):
+    """Killed after step 24, in the middle of the second epoch; it resumes from the first epoch's
+    end, or with checkpoint_every_n_steps=5 from step 20 (skipping the epoch's first 4 batches)."""
     env = {"CTR_CACHE_DIR": str(cache_dir)}
-    args = [*SIM, "trainer.max_epochs=3"]
-    # step 24 is the middle of the second epoch: the resume restarts it from the first epoch's end
-    assert_same_end(clean_run("ctr.train", args, tmp_path, env),
-                    kill_and_resume("ctr.train", args, tmp_path, env, step=24))
+    args = [*SIM, "trainer.max_epochs=3", *([f"checkpoint_every_n_steps={every}"] if every else [])]
+    clean = clean_run("ctr.train", args, tmp_path, env)
+    killed = kill_and_resume("ctr.train", args, tmp_path, env, step=24)
+    assert_same_end(clean, killed)
 
 
 @pytest.mark.slow
@@ -88,9 +92,11 @@ def test_ctr_killed_after_early_stopping_does_not_train_on(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_encoder_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
+    """4 steps an epoch, a checkpoint every 2 steps: killed after step 7, resumed from step 6."""
     env = {"CTR_CACHE_DIR": str(cache_dir), "CTR_EMBED_DIR": str(tmp_path / "emb")}
-    assert_same_end(clean_run("encoders.train", ENC, tmp_path, env),
-                    kill_and_resume("encoders.train", ENC, tmp_path, env, step=6))
+    args = [*ENC, "checkpoint_every_n_steps=2"]
+    assert_same_end(clean_run("encoders.train", args, tmp_path, env),
+                    kill_and_resume("encoders.train", args, tmp_path, env, step=7))
 
 
 def test_resume_refuses_a_folder_holding_another_run(tmp_path, cache_dir):

@@ -46,6 +46,28 @@ class _Rows(torch.utils.data.Dataset):
         return self.store[self.index[torch.as_tensor(idx, dtype=torch.long)]]
 
 
+class ResumableSampler(Sampler):
+    """Wraps a training (batch) sampler for mid-epoch resume: remembers ``generator``'s state at the
+    start of every epoch (before the epoch's permutation is drawn) and, once, skips the first
+    ``skip`` elements of an epoch (the batches a resumed run had trained before its checkpoint)."""
+
+    def __init__(self, sampler, generator: torch.Generator | None = None, skip: int = 0):
+        self.sampler, self.generator, self.skip = sampler, generator, skip
+        self.start_state = generator.get_state() if generator is not None else None
+
+    def __iter__(self):
+        if self.generator is not None:
+            self.start_state = self.generator.get_state()
+        skip, self.skip = self.skip, 0
+        it = iter(self.sampler)
+        for _ in range(skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # the epoch's length; Lightning counts on from the skipped batches
+
+
 class RankBatches(Sampler):
     """Rank ``rank``'s share of every batch of ``batches`` (global batches, the same on every rank):
     its contiguous slice ``[n * rank // world, n * (rank + 1) // world)`` of a batch of ``n`` rows.
@@ -143,18 +165,26 @@ class CTRDataModule(RankSharding, pl_.LightningDataModule):
         self.train_index: torch.Tensor | None = None  # rows of the train split used (None: all)
         self.artefact: Artefact | None = None
         self.stores: dict[str, TensorStore] = {}
-        self._shuffle: torch.Generator | None = None  # the training loader's shuffling generator
-        self._shuffle_state: torch.Tensor | None = None  # a checkpoint's, for the next train loader
+        self._shuffle: ResumableSampler | None = None  # the training loader's (global) batches
+        self._resume: dict | None = None  # a checkpoint's data state, for the next training loader
 
-    # the shuffling generator's state goes into every checkpoint (Lightning saves a datamodule's
-    # state_dict) and comes back on resume, so that a resumed run draws the permutations of the
-    # epochs an uninterrupted run would have drawn
+    # The data order goes into every checkpoint (Lightning saves a datamodule's state_dict) and
+    # comes back on resume, so that a resumed run trains on the batches an uninterrupted run would
+    # have: at an epoch's end, the shuffling generator's state (the next epochs' permutations); in
+    # an epoch (checkpoint_every_n_steps), its state at the epoch's start and the batches done.
     def state_dict(self) -> dict:
-        return {} if self._shuffle is None else {"shuffle_generator": self._shuffle.get_state()}
+        from ctr.resume import batches_done
+
+        if self._shuffle is None:
+            return {}
+        done = batches_done(getattr(self, "trainer", None))
+        if done:
+            return {"shuffle_generator": self._shuffle.start_state, "batches_done": done}
+        return {"shuffle_generator": self._shuffle.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if "shuffle_generator" in state:
-            self._shuffle_state = state["shuffle_generator"]
+            self._resume = dict(state)
 
     def prepare_data(self) -> None:
         self.artefact = prepare(self.source, self.settings, self.cache_dir)
@@ -204,11 +234,13 @@ class CTRDataModule(RankSharding, pl_.LightningDataModule):
                 raise ValueError(f"batch_size={self.batch_size} (the global batch) is not divisible by the "
                                  f"{world} ranks of the trainer")
             g = torch.Generator().manual_seed(self.seed)  # the same permutation on every rank
-            if self._shuffle_state is not None:  # resuming: the generator as the checkpoint left it
-                g.set_state(self._shuffle_state)
-                self._shuffle_state = None
-            self._shuffle = g
-            sampler = BatchSampler(RandomSampler(store, generator=g), self.batch_size, self.drop_last)
+            if self._resume is not None:  # resuming: the generator as the checkpoint left it
+                g.set_state(self._resume["shuffle_generator"])
+            skip = int((self._resume or {}).get("batches_done", 0))
+            self._resume = None
+            sampler = ResumableSampler(BatchSampler(RandomSampler(store, generator=g), self.batch_size,
+                                                    self.drop_last), g, skip)
+            self._shuffle = sampler
             if world > 1:
                 sampler = RankBatches(sampler, rank, world)
         elif world > 1:
