@@ -147,6 +147,12 @@ def _check_run(p: Problems, optimizers: tuple[str, ...]) -> None:
     p.require("optim.weight_decay", non_negative_number, "must be a non-negative number")
     p.require("optim.optimizer", lambda v: v in optimizers, f"must be one of {list(optimizers)}")
     p.build("optim.nonfinite", lambda: NonFiniteGuard(p.get("optim.nonfinite") or "fail"))
+    accumulate = p.get("trainer.accumulate_grad_batches") or 1
+    if p.get("optim.nonfinite") == "skip" and accumulate != 1:
+        # a skipped micro-batch cannot take back the gradients its window has accumulated already
+        p.add("optim.nonfinite", f"skip does not combine with trainer.accumulate_grad_batches={accumulate}: "
+              f"use fail, or no accumulation", "skip")
+    p.require("checkpoint_every_n_steps", positive_int, "must be a positive integer or null", optional=True)
     p.require("monitor.mode", lambda v: v in ("min", "max"), "must be 'min' or 'max'")
     p.require("monitor.patience", non_negative_int, "must be a non-negative integer or null", optional=True)
     metric, mode = p.get("monitor.metric"), p.get("monitor.mode")

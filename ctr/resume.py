@@ -17,9 +17,10 @@ given (bit-identical on CPU). What makes that hold:
   decision after a resume are those of the uninterrupted run. The data order is kept by the
   datamodule's state (``CTRDataModule.state_dict``: the shuffling generator); the optimiser, scheduler, loop
   counters, early-stopping and best-checkpoint bookkeeping by Lightning.
-* :func:`check_resumable` refuses to resume a run folder whose recorded config differs from the
-  current one (other than in run-control keys such as the thread count), instead of silently
-  mixing two experiments.
+* :func:`check_resumable` refuses to resume from a checkpoint written under another config (the
+  comparable config is kept in every checkpoint; run-control keys such as the thread count and
+  paths may differ, and ``trainer.max_epochs`` may grow), instead of silently mixing two
+  experiments; ``resume=false`` removes an earlier run's ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint or table holds objects that only an unpickler could rebuild."""
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them.
     A file that needs arbitrary unpickling (code that would run on load) is refused with a clear
-    error instead of being executed."""
+    error instead of being executed. ``mmap``: tensors are mapped, not read (a quick look)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises UnpicklingError (or a RuntimeError wrapping it)
         if "weights_only" in str(e) or isinstance(e, __import__("pickle").UnpicklingError):
             raise UnsafeCheckpointError(
@@ -143,14 +144,18 @@ class ResumeState(Callback):
     """Saves the random-number generators and the early-stopping decision in every checkpoint and
     restores them when training resumes from one (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: dict | None = None) -> None:
+        self.config = config  # the run's comparable config (check_resumable compares a resume's with it)
         self._stop = False
         self._rng: dict | None = None  # a mid-epoch checkpoint's generators, for the next batch
 
     def state_dict(self) -> dict:
+        import json
+
         trainer = getattr(self, "_trainer", None)
         return {"rng": rng_state(), "should_stop": bool(trainer.should_stop) if trainer is not None else False,
-                "mid_epoch": batches_done(trainer) > 0}
+                "mid_epoch": batches_done(trainer) > 0,
+                "config": json.dumps(self.config, sort_keys=True, default=str)}
 
     def load_state_dict(self, state: dict) -> None:
         self._stop = bool(state.get("should_stop"))
@@ -199,6 +204,7 @@ class StepCheckpoint(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if (batch_idx == 0 or step == 0 or step % self.every or step == self._last
+                or batch_idx % trainer.accumulate_grad_batches  # inside an accumulation window
                 or trainer.fast_dev_run or trainer.sanity_checking):
             return
         self._last = step
@@ -206,10 +212,25 @@ class StepCheckpoint(Callback):
 
 
 def _comparable(cfg: dict) -> dict:
+    """The config without its run-control keys and without paths (a folder may move)."""
+    def strip(d):
+        if not isinstance(d, dict):
+            return d
+        return {k: strip(v) for k, v in d.items() if not (str(k).endswith("_dir") or k in ("dir", "init_from"))}
+
     d = {k: v for k, v in cfg.items() if k not in RUN_CONTROL}
     if isinstance(d.get("trainer"), dict):
         d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in RUN_CONTROL_TRAINER}
-    return d
+    return strip(d)
+
+
+def comparable_config(cfg) -> dict:
+    """What ``check_resumable`` compares: ``cfg`` resolved, without run control and paths."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    return json.loads(json.dumps(_comparable(OmegaConf.to_container(cfg, resolve=True)), sort_keys=True, default=str))
 
 
 class ResumeError(RuntimeError):
@@ -217,22 +238,28 @@ class ResumeError(RuntimeError):
 
 
 def check_resumable(cfg, run_dir: Path) -> str | None:
-    """The checkpoint to resume from (``run_dir/checkpoints/last.ckpt`` when ``cfg.resume`` and it
-    exists), after checking that ``run_dir/config.yaml`` records the same run; else None."""
-    from omegaconf import OmegaConf
+    """The checkpoint to resume from: ``run_dir/checkpoints/last.ckpt`` when ``cfg.resume`` and it
+    exists, after checking that it was written by a run of the same config (recorded in the
+    checkpoint itself; checkpoints of versions that did not record it are trusted); else None.
+    With ``resume=false`` a previous run's ``last.ckpt`` is removed, so that a later resume can
+    never continue from it."""
+    import json
 
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not cfg.get("resume") or not last.exists():
+    if not last.exists():
         return None
-    recorded = Path(run_dir) / "config.yaml"
-    if recorded.exists():
-        old = _comparable(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
-        new = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    if not cfg.get("resume"):
+        last.unlink()  # starting over: the earlier run's state must not be resumed later
+        return None
+    state = safe_load(last, mmap=True)  # only its recorded config is read
+    recorded = next((v.get("config") for k, v in (state.get("callbacks") or {}).items()
+                     if k.startswith("ResumeState") and isinstance(v, dict)), None)
+    if recorded is not None:
+        old, new = json.loads(recorded), comparable_config(cfg)
         if old != new:
-            diff = _first_difference(old, new)
-            raise ResumeError(f"{run_dir} holds a run with a different config ({diff}); resuming would mix "
-                              f"two experiments. Use another run folder, or resume=false to start over "
-                              f"in this one.")
+            raise ResumeError(f"{last} was written by a run with a different config "
+                              f"({_first_difference(old, new)}); resuming would mix two experiments. "
+                              f"Use another run folder, or resume=false to start over in this one.")
     return str(last)
 
 

@@ -67,14 +67,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-    from ctr.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
+    from ctr.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint, comparable_config
 
     metric = cfg.monitor.get("metric")  # None: keep the last epoch's weights, no early stopping
     # a reused run folder gets its best.ckpt replaced, never a best-v1.ckpt beside a stale one
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=metric,
                            mode=cfg.monitor.mode, save_top_k=1, enable_version_counter=False,
                            save_last=True)  # checkpoints/last.ckpt: what `resume=true` continues from
-    callbacks = [ckpt, ResumeState(), *(extra_callbacks or []),
+    callbacks = [ckpt, ResumeState(comparable_config(cfg)), *(extra_callbacks or []),
                  *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c)]
     if cfg.get("checkpoint_every_n_steps"):  # last.ckpt inside epochs too (ctr/resume.py)
         callbacks.append(StepCheckpoint(cfg.checkpoint_every_n_steps, run_dir / "checkpoints" / "last.ckpt"))

@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from ctr.data.contract import ContractError, bad_rows
+from ctr.data.contract import IMPRESSION_KEY, ContractError, bad_rows
 from encoders.images import MAX_PIXELS, ImageFailures, decode_images
 
 TASKS = ("self_supervised", "image_text", "click", "same_product")
@@ -229,7 +229,8 @@ class ClickLog:
             missing = ev.filter(unknown)["__event"].sort().head(5).to_list()
             if missing:
                 raise ContractError(source, col, f"item not in the item set {items.name}", missing)
-        ev = ev.sort([*order, "__event"])  # ties in file order, as ctr.data.prepare splits them
+        # ties broken by the impression key, then file order, as ctr.data.prepare splits the log
+        ev = ev.sort([*order, *(c for c in IMPRESSION_KEY if c in ev.columns and c not in order), "__event"])
         n = ev.height
         n_train, n_val = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
         r = pl.int_range(pl.len())

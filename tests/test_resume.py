@@ -68,14 +68,16 @@ def clean_run(module: str, args: list[str], tmp_path: Path, env: dict) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("every", [None, 5])
-def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every):
-    """Killed after step 24, in the middle of the second epoch; it resumes from the first epoch's
-    end, or with checkpoint_every_n_steps=5 from step 20 (skipping the epoch's first 4 batches)."""
+@pytest.mark.parametrize("every, accumulate, step", [(None, 1, 24), (5, 1, 24), (3, 2, 11)])
+def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every, accumulate, step):
+    """Killed in the middle of the second epoch (16 batches an epoch); it resumes from the first
+    epoch's end, or with checkpoint_every_n_steps from the last multiple of it (skipping the epoch's
+    batches done); with gradient accumulation, from the start of an accumulation window."""
     env = {"CTR_CACHE_DIR": str(cache_dir)}
-    args = [*SIM, "trainer.max_epochs=3", *([f"checkpoint_every_n_steps={every}"] if every else [])]
+    args = [*SIM, "trainer.max_epochs=3", *([f"checkpoint_every_n_steps={every}"] if every else []),
+            *([f"+trainer.accumulate_grad_batches={accumulate}"] if accumulate > 1 else [])]
     clean = clean_run("ctr.train", args, tmp_path, env)
-    killed = kill_and_resume("ctr.train", args, tmp_path, env, step=24)
+    killed = kill_and_resume("ctr.train", args, tmp_path, env, step=step)
     assert_same_end(clean, killed)
 
 
@@ -99,28 +101,26 @@ def test_encoder_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
                     kill_and_resume("encoders.train", args, tmp_path, env, step=7))
 
 
-def test_resume_refuses_a_folder_holding_another_run(tmp_path, cache_dir):
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, cache_dir):
     from omegaconf import open_dict
 
-    from ctr.resume import ResumeError, check_resumable
+    from ctr.resume import ResumeError, check_resumable, comparable_config
     from ctr.runs import compose_config
 
-    conf = ROOT / "conf"
-    cfg = compose_config(conf, [*SIM, "trainer.max_epochs=3"], run_dir=tmp_path, cache_dir=cache_dir,
+    cfg = compose_config(ROOT / "conf", [*SIM, "trainer.max_epochs=3"], run_dir=tmp_path, cache_dir=cache_dir,
                          embeddings_dir=tmp_path)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    from omegaconf import OmegaConf
-
-    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    assert check_resumable(cfg, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
-    with open_dict(cfg):  # run control may change: the thread count, the progress bar, the length
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save({"callbacks": {"ResumeState": {"config": json.dumps(comparable_config(cfg))}}}, last)
+    assert check_resumable(cfg, tmp_path) == str(last)
+    with open_dict(cfg):  # run control and paths may change: threads, progress bar, length, folders
         cfg.threads, cfg.trainer.enable_progress_bar, cfg.trainer.max_epochs = 2, True, 5
+        cfg.data.cache_dir = str(tmp_path / "elsewhere")
     assert check_resumable(cfg, tmp_path)
     with open_dict(cfg):
         cfg.optim.lr = 0.5
     with pytest.raises(ResumeError, match=r"optim\.lr: recorded 0\.001, now 0\.5"):
         check_resumable(cfg, tmp_path)
     with open_dict(cfg):
-        cfg.resume = False  # start over in the folder: nothing to check
-    assert check_resumable(cfg, tmp_path) is None
+        cfg.resume = False  # start over in the folder: the earlier run's last.ckpt goes
+    assert check_resumable(cfg, tmp_path) is None and not last.exists()

@@ -238,11 +238,10 @@ class CTRDataModule(RankSharding, pl_.LightningDataModule):
                 g.set_state(self._resume["shuffle_generator"])
             skip = int((self._resume or {}).get("batches_done", 0))
             self._resume = None
-            sampler = ResumableSampler(BatchSampler(RandomSampler(store, generator=g), self.batch_size,
-                                                    self.drop_last), g, skip)
-            self._shuffle = sampler
+            sampler = BatchSampler(RandomSampler(store, generator=g), self.batch_size, self.drop_last)
             if world > 1:
                 sampler = RankBatches(sampler, rank, world)
+            sampler = self._shuffle = ResumableSampler(sampler, g, skip)  # skips whole (global) batches
         elif world > 1:
             if 0 < len(store) < world:
                 raise ValueError(f"split {split!r} has {len(store)} rows, fewer than the {world} ranks")

@@ -34,7 +34,7 @@ import polars as pl
 from ctr.data.contract import (IMPRESSION_KEY, POLICIES, Checked, ContractError, RowCheck, check,
                                check_references, enforce)
 
-PREPARE_VERSION = 1  # bump when the artefact format or the preparation logic changes
+PREPARE_VERSION = 2  # bump when the artefact format or the preparation logic changes (2: ties broken by the impression key)
 SPLITS = ("train", "val", "test")
 log = logging.getLogger("ctr.data")
 
