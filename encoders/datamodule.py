@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ctr.data.datamodule import RankSharding, ResumableSampler
+from ctr.data.datamodule import RankSharding, StepResume
 from encoders.data import ClickLog, ItemSet, TaskBatches, hm_items, items_from_table
 from encoders.evaluate import SearchQueries, same_group_queries
 from encoders.images import MAX_PIXELS, check_image_settings
@@ -181,7 +181,7 @@ class RankShare(torch.utils.data.Dataset):
         return rank_share(self.batches[step], self.rank, self.world)
 
 
-class ContrastiveDataModule(RankSharding, pl.LightningDataModule):
+class ContrastiveDataModule(StepResume, RankSharding, pl.LightningDataModule):
     """Loads a source once (``setup``), tokenises titles once, serves task batches and evaluation
     chunks. ``tokenize`` is the text tower's tokenizer (None without a text tower).
 
@@ -202,8 +202,6 @@ class ContrastiveDataModule(RankSharding, pl.LightningDataModule):
         self.eval_batch_size, self.cache_dir, self.seed = eval_batch_size, cache_dir, seed
         self.tokenize = tokenize
         self.items: ItemSet | None = None
-        self._resume_skip = 0  # steps of the current epoch a resumed run skips (done before its checkpoint)
-        self._resume_epoch: int | None = None  # that epoch
 
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
@@ -227,33 +225,9 @@ class ContrastiveDataModule(RankSharding, pl.LightningDataModule):
         ds = TaskBatches(self.items, self.tasks, self.batch_size, clicks=self.clicks, tokens=self.tokens,
                          n_shown=self.n_shown, n_category=self.n_category,
                          product_pairs=self.product_pairs, steps=self.steps_per_epoch, seed=self.seed)
-        trainer = getattr(self, "trainer", None)
-        if self._resume_epoch is not None:  # resuming inside an epoch: its batches, from the next step
-            ds.set_epoch(self._resume_epoch)
-        elif trainer is not None:  # a resumed run's first epoch; the module's epoch hook sets later ones
-            ds.set_epoch(trainer.current_epoch)
         rank, world = self._distributed()
-        if world > 1:
-            ds = RankShare(ds, rank, world)
-        # a batch is a function of (seed, epoch, step): resuming inside an epoch only skips the steps done
-        self._steps = ResumableSampler(torch.utils.data.SequentialSampler(ds), skip=self._resume_skip)
-        self._resume_skip, self._resume_epoch = 0, None
-        return torch.utils.data.DataLoader(ds, sampler=self._steps, batch_size=None, num_workers=0,
-                                           pin_memory=self._pin())
-
-    # a checkpoint taken inside an epoch (checkpoint_every_n_steps) records the steps done
-    def state_dict(self) -> dict:
-        from ctr.resume import batches_done
-
-        trainer = getattr(self, "trainer", None)
-        done = batches_done(trainer)
-        return {"batches_done": done, "epoch": trainer.current_epoch} if done else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        # Lightning restores this before it builds the training loader, and does not call the
-        # epoch-start hooks of an epoch it resumes inside: the loader sets that epoch itself
-        self._resume_skip = int(state.get("batches_done", 0))
-        self._resume_epoch = state.get("epoch") if self._resume_skip else None
+        wrap = (lambda d: RankShare(d, rank, world)) if world > 1 else None
+        return self.step_loader(ds, wrap, pin_memory=self._pin())
 
     def _eval(self, split: str):
         self._distributed()  # the same check; every rank evaluates the whole split

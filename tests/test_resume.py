@@ -101,6 +101,20 @@ def test_encoder_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
                     kill_and_resume("encoders.train", args, tmp_path, env, step=7))
 
 
+@pytest.mark.slow
+def test_moon2_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
+    """MOON2.0 on 400 real H&M and Fashion items, 4 steps an epoch, a checkpoint every 2 steps:
+    killed after step 7, resumed from step 6."""
+    from conftest import data_dir
+
+    env = {"CTR_CACHE_DIR": str(cache_dir), "CTR_DATA_DIR": str(data_dir())}
+    args = ["experiment=moon2_full", "data.n_items=400", "data.batch_size=16", "image_size=64",
+            "data.steps_per_epoch=4", "trainer.max_epochs=3", "checkpoint_every_n_steps=2", "threads=1",
+            "logger=csv", "trainer.enable_progress_bar=false"]
+    assert_same_end(clean_run("encoders.moon2.train", args, tmp_path, env),
+                    kill_and_resume("encoders.moon2.train", args, tmp_path, env, step=7))
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, cache_dir):
     from omegaconf import open_dict
 

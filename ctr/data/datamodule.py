@@ -68,6 +68,41 @@ class ResumableSampler(Sampler):
         return len(self.sampler)  # the epoch's length; Lightning counts on from the skipped batches
 
 
+class StepResume:
+    """Mixin for data modules whose training batch is a function of (seed, epoch, step) (the
+    encoders'): a checkpoint taken inside an epoch (``checkpoint_every_n_steps``) records that epoch
+    and the steps done; the next training loader (:meth:`step_loader`) goes on from there."""
+
+    _resume_skip: int = 0
+    _resume_epoch: int | None = None
+
+    def step_loader(self, ds, wrap=None, **loader_kwargs) -> DataLoader:
+        """A loader over the steps of ``ds`` (with ``set_epoch``), for the epoch being trained;
+        ``wrap(ds)``, e.g. a rank's share, is applied after the epoch is set."""
+        trainer = getattr(self, "trainer", None)
+        if self._resume_epoch is not None:  # resuming inside an epoch: its batches, from the next step
+            ds.set_epoch(self._resume_epoch)
+        elif trainer is not None:  # a resumed run's first epoch; the module's epoch hook sets later ones
+            ds.set_epoch(trainer.current_epoch)
+        ds = wrap(ds) if wrap is not None else ds
+        sampler = ResumableSampler(SequentialSampler(ds), skip=self._resume_skip)
+        self._resume_skip, self._resume_epoch = 0, None
+        return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0, **loader_kwargs)
+
+    def state_dict(self) -> dict:
+        from ctr.resume import batches_done
+
+        trainer = getattr(self, "trainer", None)
+        done = batches_done(trainer)
+        return {"batches_done": done, "epoch": trainer.current_epoch} if done else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores this before it builds the training loader, and does not call the
+        # epoch-start hooks of an epoch it resumes inside: the loader sets that epoch itself
+        self._resume_skip = int(state.get("batches_done", 0))
+        self._resume_epoch = state.get("epoch") if self._resume_skip else None
+
+
 class RankBatches(Sampler):
     """Rank ``rank``'s share of every batch of ``batches`` (global batches, the same on every rank):
     its contiguous slice ``[n * rank // world, n * (rank + 1) // world)`` of a batch of ``n`` rows.

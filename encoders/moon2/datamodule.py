@@ -19,13 +19,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ctr.data.datamodule import StepResume
 from encoders.images import MAX_PIXELS, check_image_settings
 from encoders.moon2.augment import AttributeEnricher, CallableEnricher, expand_images
 from encoders.moon2.data import AugViews, TokenChunks, TripleBatches
 from encoders.moon2.features import Products, TokenSet, image_token_cache, load_products, text_token_cache
 
 
-class Moon2DataModule(pl.LightningDataModule):
+class Moon2DataModule(StepResume, pl.LightningDataModule):
     def __init__(self, image_tower, text_tower, *, train: str = "hm", bench: dict | None = None,
                  image_size: int = 96, held_out=(0.8, 0.1, 0.1), n_items: int | None = None,
                  batch_size: int = 128, steps_per_epoch: int | None = None, eval_batch_size: int = 512,
@@ -101,10 +102,7 @@ class Moon2DataModule(pl.LightningDataModule):
     def train_dataloader(self):
         ds = TripleBatches(self.products, self.tokens, self.batch_size, steps=self.steps_per_epoch, seed=self.seed,
                            aug=self.aug, p_aug=float(self.coaug["p_aug"]) if self.aug is not None else 0.0)
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            ds.set_epoch(trainer.current_epoch)
-        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+        return self.step_loader(ds)  # the epoch's steps; a resumed run's from where its checkpoint was
 
     def _eval(self, split: str):
         ds = TokenChunks(self.products.items.rows(split), self.tokens, self.eval_batch_size)
