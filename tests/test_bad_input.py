@@ -13,7 +13,7 @@ import pytest
 
 from ctr.data.contract import ContractError
 from ctr.data.prepare import PrepareSettings, SequenceSpec, prepare, settings_fingerprint
-from ctr.data.sources.parquet import ParquetSource
+from ctr.data.sources.parquet import ParquetSource, read_table
 
 N = 30  # events: 15 requests of 2 impressions, 5 users, 6 items
 T0 = datetime(2024, 1, 1)
@@ -330,3 +330,17 @@ def test_ragged_csv_rows_are_named(tmp_path, edit, rows, words, policy):
         run(tmp_path, src, policy)
     assert e.value.source == src.events and e.value.rows == rows and "ragged CSV" in str(e.value)
     assert words in str(e.value)
+
+
+def test_a_late_csv_value_of_the_wrong_type_is_named_by_row(tmp_path):
+    """polars infers a CSV column's type from its first 100 rows and names only the column of a
+    later value that does not parse; the error names the rows too."""
+    lines = ["request_id,user_id,item_id,clicked,timestamp"]
+    lines += [f"{i},{i % 5},{i % 7},{i % 2},2024-01-01 00:00:{i % 60:02d}" for i in range(300)]
+    lines[251] = "250,0,3,yes,2024-01-01 00:00:10"  # data row 250
+    lines[281] = "280,0,3,maybe,2024-01-01 00:00:40"
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ContractError, match=r"events\.csv, column 'clicked', rows 250, 280 .*value 'yes' does "
+                                            r"not parse as Int64.*2 such row"):
+        read_table(path)

@@ -8,6 +8,7 @@ rows), under either ``bad_rows`` policy: such a file is damaged as a whole.
 from __future__ import annotations
 
 import glob
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,35 @@ def _read_one(p: Path) -> pl.DataFrame:
     try:
         return pl.read_csv(p, separator=sep) if csv else pl.read_parquet(p)
     except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as e:
+        if csv:
+            _name_unparseable_csv_values(p, sep)
         what = "csv" if csv else "parquet (is it truncated, or not a parquet file?)"
         raise ContractError(str(p), None, f"cannot be read as {what}: {e}") from e
+
+
+CSV_INFER_ROWS = 100  # polars' default: a column's type comes from its first rows
+
+
+def _name_unparseable_csv_values(p: Path, sep: str) -> None:
+    """A CSV value that does not parse as its column's type (inferred from the first rows, e.g. a
+    ``yes`` far down an integer column): an error naming the column and the rows, where polars
+    names only the column. Returns when it finds none (the caller reports polars' error)."""
+    try:
+        text = pl.read_csv(p, separator=sep, infer_schema=False)
+        # the types polars infers from the first rows (read back from those rows alone)
+        head = pl.read_csv(io.StringIO(text.head(CSV_INFER_ROWS).write_csv()))
+    except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException):
+        return
+    for name, dtype in head.schema.items():
+        if dtype == pl.String or name not in text.columns:
+            continue
+        raw = text[name].str.strip_chars()
+        bad = (raw.is_not_null() & (raw != "") & raw.cast(dtype, strict=False).is_null()).arg_true()
+        if bad.len():
+            rows = bad.head(5).to_list()
+            raise ContractError(str(p), name, f"value {raw[rows[0]]!r} does not parse as {dtype}, the type of "
+                                f"the column's first {CSV_INFER_ROWS} rows; {bad.len()} such row(s) in all",
+                                rows)
 
 
 def _check_csv_fields(p: Path, sep: str) -> None:
