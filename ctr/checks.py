@@ -156,15 +156,17 @@ def _check_run(p: Problems, optimizers: tuple[str, ...]) -> None:
     p.require("monitor.mode", lambda v: v in ("min", "max"), "must be 'min' or 'max'")
     p.require("monitor.patience", non_negative_int, "must be a non-negative integer or null", optional=True)
     metric, mode = p.get("monitor.metric"), p.get("monitor.mode")
-    if metric is not None and mode in ("min", "max") and better(metric) not in (None, mode):
-        p.add("monitor.mode", f"{metric} improves as it {'grows' if better(metric) == 'max' else 'falls'}: "
-              f"use {better(metric)}", mode)
+    direction = better(metric) if metric is not None else None
+    if mode in ("min", "max") and direction not in (None, mode):
+        p.add("monitor.mode", f"{metric} improves as it {'grows' if direction == 'max' else 'falls'}: "
+              f"use {direction}", mode)
 
 
-def _check_monitor(p: Problems, logged: list[str]) -> None:
-    metric = p.get("monitor.metric")
-    if metric is not None and metric not in logged:
-        p.add("monitor.metric", f"must be null or a metric validation logs: {', '.join(logged)}", metric)
+def _check_monitor(p: Problems, logged: list[str], monitors: list | None = None) -> None:
+    """Each monitored metric (default: ``monitor.metric``; null: none) must be one validation logs."""
+    for m in dict.fromkeys(monitors if monitors is not None else [p.get("monitor.metric")]):
+        if m is not None and m not in logged:
+            p.add("monitor.metric", f"must be null or a metric validation logs: {', '.join(logged)}", m)
 
 
 # ---- the CTR stage ---------------------------------------------------------------------------
@@ -203,8 +205,7 @@ def _check_ctr_model(p: Problems) -> None:
 
     p.require("model.embedding_dim", positive_int, "must be a positive integer")
     p.require("model.over_hidden", positive_ints, "must be a list of positive integers")
-    if p.get("model.sequence.hidden") is not None:
-        p.require("model.sequence.hidden", positive_ints, "must be a list of positive integers")
+    p.require("model.sequence.hidden", positive_ints, "must be a list of positive integers", optional=True)
     for key in ("model.dropout", "model.embedding_dropout"):
         p.require(key, dropout_rate, "must be a number in [0, 1)", optional=True)
     position = p.get("model.position")
@@ -247,10 +248,9 @@ def _check_encoder_module(p: Problems) -> None:
     p.require("module.embed_dim", positive_int, "must be a positive integer")
     p.require("module.head_hidden", positive_int, "must be a positive integer or null", optional=True)
     p.require("module.queue_size", non_negative_int, "must be a non-negative integer (0: no queue)")
-    dims, dim = p.get("module.matryoshka_dims"), p.get("module.embed_dim")
-    if dims is not None:
-        p.require("module.matryoshka_dims", lambda v: positive_ints(v) and (not positive_int(dim) or max(v) <= dim),
-                  f"must be positive integers up to module.embed_dim ({dim}), or null")
+    dim = p.get("module.embed_dim")
+    p.require("module.matryoshka_dims", lambda v: positive_ints(v) and (not positive_int(dim) or max(v) <= dim),
+              f"must be positive integers up to module.embed_dim ({dim}), or null", optional=True)
 
 
 def _check_encoder_data_config(p: Problems) -> None:
@@ -299,7 +299,5 @@ def check_encoder_data(batches, monitors: list[str], logged: list[str], key: str
         if batches.n_category > most_other:
             p.add(f"{key}.n_category", f"more than the other training items in any clicked item's category "
                   f"(at most {most_other}): the draws would repeat items", batches.n_category)
-    for m in dict.fromkeys(monitors):  # a checkpoint and early stopping may watch the same one
-        if m not in logged:
-            p.add("monitor.metric", f"must be null or a metric validation logs: {', '.join(logged)}", m)
+    _check_monitor(p, logged, monitors)  # a checkpoint and early stopping may watch the same one
     p.raise_if_any()

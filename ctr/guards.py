@@ -26,7 +26,9 @@ weights, the optimiser's state and the module's buffers (BatchNorm/Dice statisti
 queues) stay as they were before it; the batch is counted (``skipped``, in ``metrics.json`` as
 ``skipped_batches``) and logged as a warning with the same diagnosis. Skip mode copies the
 module's persistent buffers (the checkpointed state: running statistics, queues; not constant
-tables such as frozen image vectors) at the start of every step so that they can be put back.
+tables such as frozen image vectors) at the start of every step so that they can be put back (into
+copies allocated once, on the first step, and again only when the buffers change, e.g. after
+``.to()``).
 
 Under DDP the ranks agree on every decision (each flag is summed over the ranks: one scalar
 all-reduce per check), so that all of them skip or stop together. With fp16 mixed precision the gradients are left to Lightning's
@@ -117,7 +119,8 @@ class NonFiniteGuard:
         self.skipped = 0
         self.step_skipped = False
         self._step: dict = {}  # this step's batch index, loss, inputs and outputs, for a diagnosis
-        self._buffers: list[tuple[Tensor, Tensor]] = []
+        self._live: list[Tensor] = []   # skip mode: the module's persistent buffers
+        self._saved: list[Tensor] = []  # and their copies at the start of this step
 
     # ---- per step -----------------------------------------------------------------------------
     def start_step(self, module: nn.Module) -> None:
@@ -126,7 +129,7 @@ class NonFiniteGuard:
         self.step_skipped = False
         self._step = {}
         if self.mode == "skip":
-            self._buffers = [(b, b.detach().clone()) for b in _persistent_buffers(module)]
+            self._save_buffers(module)
 
     def loss_ok(self, module, loss: Tensor, batch_idx: int, inputs=None, outputs=None) -> bool:
         """True when ``loss`` is finite (on every rank). Otherwise raises (fail) or skips the
@@ -140,18 +143,23 @@ class NonFiniteGuard:
         self._fire(module, f"non-finite training loss ({self._loss_text()})", grads=False)
         return False
 
-    def grads_ok(self, module, optimizer) -> bool:
+    def grads_ok(self, module, optimizer, norm: Tensor | None = None) -> bool:
         """True when every gradient the optimiser is about to apply is finite. Otherwise raises
         (fail) or sets every gradient to None, so that the optimiser leaves every weight and its
-        own state as they are (skip), and returns False. A no-op under fp16's gradient scaler."""
-        if self.step_skipped or _grad_scaler(module) is not None:
+        own state as they are (skip), and returns False. A no-op under fp16's gradient scaler.
+        ``norm``: the gradients' total 2-norm when the caller has it already (for clipping, e.g.
+        ``torch.nn.utils.get_total_norm``): judged instead of computing the norms again."""
+        if self.step_skipped or grad_scaler(module) is not None:
             return True
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads, 2)  # nan/inf when a value is (or |g| ~1e19 overflows)
-        if not _any_rank(~torch.isfinite(torch.stack([x.float() for x in norms])).all()):
+        if norm is None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+            if not grads:
+                return True
+            finite = _all_finite(grads)  # false when a value is nan/inf (or |g| ~1e19 overflows)
+        else:
+            finite = torch.isfinite(norm.detach().float()).all()
+        if not _any_rank(~finite):
             return True
         self._fire(module, f"non-finite gradients behind a finite loss ({self._loss_text()})", grads=True)
         for g in optimizer.param_groups:
@@ -166,10 +174,7 @@ class NonFiniteGuard:
         returns False (skip). ``before`` names what the weights were about to do."""
         self._step = {"batch_idx": batch_idx, "inputs": inputs or {}, "outputs": {}}
         params = [p.detach() for p in module.parameters()]
-        if not params:
-            return True
-        norms = torch._foreach_norm(params, 2)
-        if not _any_rank(~torch.isfinite(torch.stack([x.float() for x in norms])).all()):
+        if not params or not _any_rank(~_all_finite(params)):
             return True
         self._fire(module, f"non-finite weights before {before}", grads=False)
         return False
@@ -195,6 +200,19 @@ class NonFiniteGuard:
         self.skipped = int(state.get("skipped", 0))
 
     # ---- internals ----------------------------------------------------------------------------
+    def _save_buffers(self, module: nn.Module) -> None:
+        """Copy the module's persistent buffers into ``_saved``: the copies are allocated on the
+        first step and again only when the buffers changed (a buffer replaced, e.g. by ``.to()``,
+        added or removed, or resized); otherwise one fused copy."""
+        live = _persistent_buffers(module)
+        same = len(live) == len(self._live) and all(
+            b is old and b.shape == s.shape for b, old, s in zip(live, self._live, self._saved))
+        with torch.no_grad():
+            if not same:
+                self._live, self._saved = live, [b.detach().clone() for b in live]
+            elif live:
+                torch._foreach_copy_(self._saved, live)
+
     def _loss_text(self) -> str:
         loss = self._step.get("loss")
         return "loss unknown" if loss is None else f"loss {loss.float().mean().item():.6g}"
@@ -223,9 +241,9 @@ class NonFiniteGuard:
             raise NonFiniteError(f"{what} at {where}; optim.nonfinite=skip would skip such batches:\n{report}")
         self.skipped += 1
         self.step_skipped = True
-        with torch.no_grad():
-            for live, saved in self._buffers:
-                live.copy_(saved)
+        if self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._saved)
         log.warning("skipped the batch at %s: %s (%d skipped so far):\n%s", where, what, self.skipped, report)
 
 
@@ -235,7 +253,16 @@ def _persistent_buffers(module: nn.Module) -> list[Tensor]:
             if b is not None and name not in m._non_persistent_buffers_set]
 
 
-def _grad_scaler(module):
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool tensor: whether every value of ``tensors`` is finite, judged on their 2-norms
+    (one fused ``torch._foreach_norm``) as float32: a norm that overflows float32 counts as
+    non-finite, whatever the tensors' dtype. No host sync."""
+    norms = torch._foreach_norm(tensors, 2)
+    # stack promotes mixed dtypes exactly (bf16/f16 -> f32); .float() then keeps float32's range
+    return torch.isfinite(torch.stack(norms).float()).all()
+
+
+def grad_scaler(module):
     """Lightning's fp16 gradient scaler when the module trains under one, else None."""
     try:
         plugin = module.trainer.precision_plugin

@@ -60,33 +60,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`ctr.runs.atomic_replace` (temporary file, fsync, rename)."""
+    from ctr.runs import atomic_replace
+
+    atomic_replace(path, lambda f: torch.save(obj, f))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -106,10 +84,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def rng_state() -> dict:
     """Every generator a training step may draw from, as tensors and plain Python values."""
     np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
                        "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-             "python": _python_state(random.getstate())}
+             "python": [version, list(internal), gauss]}  # lists: weights_only loads them
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -123,11 +102,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_state(s: tuple) -> list:
-    version, internal, gauss = s
-    return [version, list(internal), gauss]
 
 
 def batches_done(trainer) -> int:

@@ -27,17 +27,41 @@ def environment() -> dict:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
-    from ctr.malloc import tune_malloc
+    from ctr.malloc import applied
 
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "malloc_tuning": tune_malloc(),
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "malloc_tuning": applied(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "packages": versions}
 
 
+def atomic_replace(path: str | os.PathLike, write) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (opened ``"wb"``), fsync, then rename it
+    over ``path``: a crash leaves the old file or the new one, never half of one. The temporary
+    file is this process's own (the ranks of a DDP run write the same files) and never left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # the rename itself reaches the disk
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, text: str) -> None:
-    # a temporary file of this process's own: the ranks of a DDP run write the same files
-    tmp = path.with_suffix(f"{path.suffix}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_replace(path, lambda f: f.write(text.encode()))
 
 
 def start_run(cfg: DictConfig) -> Path:
@@ -81,7 +105,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     if metric is not None and cfg.monitor.get("patience") is not None:
         callbacks.append(EarlyStopping(monitor=cfg.monitor.metric, mode=cfg.monitor.mode,
                                        patience=cfg.monitor.patience))
-    loggers = [instantiate(_resume_version(lg, run_dir) if resume_checkpoint(cfg, run_dir) else lg, _convert_="all")
+    resuming = resume_checkpoint(cfg, run_dir) is not None
+    loggers = [instantiate(_resume_version(lg, run_dir) if resuming else lg, _convert_="all")
                for lg in (cfg.get("logger") or {}).values() if lg]
     # checkpoints are written atomically and loaded with weights_only=True (ctr/resume.py)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,

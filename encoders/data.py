@@ -17,6 +17,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -71,7 +72,8 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
                      source: str = "items", group_col: str | None = None,
                      category_col: str | None = "category", title_col: str | None = "title",
                      held_out: tuple[float, float, float] | None = None, bad_images: str = "fail",
-                     max_pixels: int = MAX_PIXELS) -> ItemSet:
+                     max_pixels: int = MAX_PIXELS, image_column: str | None = None,
+                     image_rows: Sequence[int] | None = None) -> ItemSet:
     """An :class:`ItemSet` from a contract ``items`` table with an ``image`` (bytes) or
     ``image_path`` column. ``held_out`` (train/val/test fractions) splits the items by product
     group (``group_col``, else by item); without it every item is a training item.
@@ -79,7 +81,9 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
     A null, missing, undecodable or too large (over ``max_pixels``) image follows ``bad_images``:
     ``"fail"`` raises a :class:`ContractError` naming ``source``, the image column, the row, the
     item id and the reason; ``"skip"`` leaves the item out (every array of the item set stays
-    aligned) and records it in ``image_failures``. Skipping every item raises too."""
+    aligned) and records it in ``image_failures``. Skipping every item raises too. Those errors and
+    failures call the image column ``image_column`` and each row ``image_rows[row]`` when given
+    (a table derived from ``source``: its own column name and rows)."""
     img_col = "image" if "image" in items.columns else "image_path" if "image_path" in items.columns else None
     need = ["item_id"] + ([img_col] if img_col else ["image"])
     for c in need + [c for c in (group_col,) if c]:
@@ -98,12 +102,9 @@ def items_from_table(items: pl.DataFrame, size: int, cache_dir: str | os.PathLik
         nulls = bad_rows(items, pl.col(title_col).is_null())
         if nulls:
             raise ContractError(source, title_col, "null title", nulls)
-    decoded = decode_images(items[img_col].to_list(), size, cache_dir, source=source, column=img_col,
-                            ids=ids.to_list(), bad_images=bad_images, max_pixels=max_pixels)
-    if len(decoded.kept) == 0:
-        f = decoded.failures
-        raise ContractError(source, img_col, f"every image is bad ({f.summary()['reasons']}), "
-                                             f"e.g. item_id {f.item_ids[0]}: {f.messages[0]}", f.rows)
+    decoded = decode_images(items[img_col].to_list(), size, cache_dir, source=source,
+                            column=image_column or img_col, ids=ids.to_list(), rows=image_rows,
+                            bad_images=bad_images, max_pixels=max_pixels)
     if len(decoded.failures):
         items = items[decoded.kept]  # every column below follows the kept rows
         ids = items["item_id"]
@@ -166,16 +167,10 @@ def hm_items(size: int, cache_dir: str | os.PathLike | None, data_dir: str | Non
                        pl.lit(". "), pl.col("detail_desc").fill_null("")]).alias("title"),
         pl.col("product_type_name").fill_null("unknown").alias("category"),
     )
-    try:
-        items = items_from_table(df.select("item_id", "image", "title", "category", "product_code"), size,
-                                 cache_dir, source=str(img_path), group_col="product_code", held_out=held_out,
-                                 bad_images=bad_images, max_pixels=max_pixels)
-    except ContractError as e:  # name the parquet's own column and rows
-        if e.column != "image":
-            raise
-        rows = [int(df["__src_row"][r]) for r in e.rows]
-        raise ContractError(str(img_path), "jpeg", e.problem, rows) from None
-    items.image_failures = items.image_failures.relabel(str(img_path), "jpeg", df["__src_row"].to_list())
+    items = items_from_table(df.select("item_id", "image", "title", "category", "product_code"), size,
+                             cache_dir, source=str(img_path), group_col="product_code", held_out=held_out,
+                             bad_images=bad_images, max_pixels=max_pixels,
+                             image_column="jpeg", image_rows=df["__src_row"].to_list())  # the parquet's own
     items.meta = {"source": "hm", "n_products": len(np.unique(items.group))}
     return items
 

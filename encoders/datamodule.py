@@ -54,13 +54,11 @@ class SimItems:
         check_image_settings(self.bad_images, self.max_image_pixels)
 
     def load(self, image_size: int, cache_dir: str | None) -> tuple[ItemSet, ClickLog]:
-        from ctr.data.sources.simulator import SimConfig, simulate
+        from ctr.data.sources.simulator import SimulatorSource, simulate
 
         # the policy reaches a real catalogue's photos too (overrides win)
-        cfg = SimConfig.preset(self.preset, seed=self.seed, **{"bad_images": self.bad_images,
-                                                               "max_image_pixels": self.max_image_pixels,
-                                                               **self.overrides})
-        d = simulate(cfg)
+        d = simulate(SimulatorSource(self.preset, self.seed, dict(self.overrides), bad_images=self.bad_images,
+                                     max_image_pixels=self.max_image_pixels).config())
         where = f"simulator({self.preset}, seed={self.seed})"
         items = items_from_table(d.items, image_size, cache_dir, source=f"{where}.items",
                                  bad_images=self.bad_images, max_pixels=self.max_image_pixels)
@@ -225,9 +223,28 @@ class ContrastiveDataModule(StepResume, RankSharding, pl.LightningDataModule):
         ds = TaskBatches(self.items, self.tasks, self.batch_size, clicks=self.clicks, tokens=self.tokens,
                          n_shown=self.n_shown, n_category=self.n_category,
                          product_pairs=self.product_pairs, steps=self.steps_per_epoch, seed=self.seed)
+        self._check_fit(ds)
         rank, world = self._distributed()
         wrap = (lambda d: RankShare(d, rank, world)) if world > 1 else None
         return self.step_loader(ds, wrap, pin_memory=self._pin())
+
+    def _check_fit(self, batches: TaskBatches) -> None:
+        """When a trainer fits with this data module (it builds the task batches once, here): the
+        click negatives against the data's pools and the monitored metric against what the
+        module's validation logs (:func:`ctr.checks.check_encoder_data`), before the first step."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
+            return
+        module = trainer.lightning_module
+        if not hasattr(module, "metric_names"):
+            return
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        from ctr.checks import check_encoder_data
+
+        monitors = [cb.monitor for cb in trainer.callbacks
+                    if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and cb.monitor]
+        check_encoder_data(batches, monitors, module.metric_names("val"))
 
     def _eval(self, split: str):
         self._distributed()  # the same check; every rank evaluates the whole split

@@ -33,7 +33,7 @@ import os
 import struct
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -234,7 +234,7 @@ def _declared_size(head: bytes) -> tuple[int, int] | None:
 @dataclass
 class ImageFailures:
     """Bad images left out under ``bad_images="skip"`` (empty under ``"fail"``): their rows in
-    the input (0-based), reasons (:attr:`BadImage.kind`), messages and, when known, item ids."""
+    ``source`` (0-based; :func:`decode_images`' ``rows``, else the input positions), reasons (:attr:`BadImage.kind`), messages and, when known, item ids."""
 
     source: str = ""
     column: str = ""
@@ -257,9 +257,15 @@ class ImageFailures:
                 "examples": [{"row": r, "item_id": i, "reason": k, "message": m} for r, i, k, m in
                              list(zip(self.rows, ids, self.kinds, self.messages))[:examples]]}
 
-    def relabel(self, source: str, column: str, rows: Sequence[int]) -> "ImageFailures":
-        """The same failures named by another table: ``rows[r]`` is that table's row of row ``r``."""
-        return replace(self, source=source, column=column, rows=[int(rows[r]) for r in self.rows])
+    def add(self, row: int, err: BadImage, item_id=None) -> None:
+        """Record one bad image: its row, its :class:`BadImage` and, when ids are kept, its item id."""
+        if item_id is not None and self.item_ids is None:
+            self.item_ids = [None] * len(self.rows)
+        self.rows.append(row)
+        self.kinds.append(err.kind)
+        self.messages.append(str(err))
+        if self.item_ids is not None:
+            self.item_ids.append(item_id)
 
 
 @dataclass
@@ -274,11 +280,14 @@ class DecodedImages:
 
 def images_fingerprint(images: Sequence[bytes | str | os.PathLike | None], size: int, *,
                        source: str = "images", column: str = "image", bad_images: str = "fail",
-                       max_pixels: int = MAX_PIXELS, ids: Sequence | None = None) -> str:
+                       max_pixels: int = MAX_PIXELS, ids: Sequence | None = None, id_name: str = "item_id",
+                       rows: Sequence[int] | None = None) -> str:
     """sha256 over every image's bytes (a path: its file's bytes) and the decode settings (size,
     ``bad_images`` policy, ``max_pixels``). A null image or a file that cannot be read raises, under
-    ``"fail"``, a :class:`ContractError` naming ``source``, ``column``, the row (and its id from
-    ``ids``); under ``"skip"`` it is hashed as absent (decoding then leaves it out)."""
+    ``"fail"``, a :class:`ContractError` naming ``source``, ``column``, the row (``rows[i]`` when
+    given) and its id (``id_name`` and ``ids``); under ``"skip"`` it is hashed as absent (decoding
+    then leaves it out). ``source``, ``column``, ``ids``, ``id_name`` and ``rows`` only name things
+    in errors: the fingerprint does not depend on them."""
     check_image_settings(bad_images, max_pixels)
     settings = {"size": size, "v": CACHE_VERSION, "bad_images": bad_images, "max_pixels": max_pixels}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -287,7 +296,7 @@ def images_fingerprint(images: Sequence[bytes | str | os.PathLike | None], size:
             b = _read(x)
         except BadImage as e:
             if bad_images == "fail":
-                raise _policy_error(source, column, [(i, e)], ids) from None
+                raise policy_error(source, column, [(i, e)], ids, id_name=id_name, rows=rows) from None
             h.update(b"\xff" * 8 + e.kind.encode())
             continue
         h.update(len(b).to_bytes(8, "little"))
@@ -297,16 +306,19 @@ def images_fingerprint(images: Sequence[bytes | str | os.PathLike | None], size:
 
 def decode_images(images: Sequence[bytes | str | os.PathLike | None], size: int,
                   cache_dir: str | os.PathLike | None = None, *, source: str = "images",
-                  column: str = "image", ids: Sequence | None = None, bad_images: str = "fail",
+                  column: str = "image", ids: Sequence | None = None, id_name: str = "item_id",
+                  rows: Sequence[int] | None = None, bad_images: str = "fail",
                   max_pixels: int = MAX_PIXELS, threads: int | None = None,
                   fingerprint: str | None = None) -> DecodedImages:
     """Decode ``images`` once into ``uint8 [K, 3, size, size]`` (:func:`decode_image` each, on
     threads), applying the ``bad_images`` policy to the ones that cannot be used.
 
     ``"fail"`` (the default) raises a :class:`ContractError` naming ``source``, ``column``, the
-    0-based rows, the first bad one's item id (``ids``: one per image, for messages) and PIL's
-    reason. ``"skip"`` leaves them out (``kept`` says which rows remain), logs a warning and
-    returns them as :class:`ImageFailures`.
+    0-based rows, the first bad one's id (``ids``: one per image, called ``id_name`` in messages)
+    and PIL's reason. ``"skip"`` leaves them out (``kept`` says which input positions remain), logs
+    a warning and returns them as :class:`ImageFailures`; when every image is bad it raises too.
+    ``rows`` (one per image): each image's row in ``source``, which errors and failures report
+    instead of its position in ``images`` (e.g. a parquet file's rows when ``images`` is a subset).
 
     With ``cache_dir`` the array is written to ``<cache_dir>/images-<fingerprint>.npy``
     (atomically; the failures beside it in ``.failures.json``) and memory-mapped (copy-on-write);
@@ -314,23 +326,27 @@ def decode_images(images: Sequence[bytes | str | os.PathLike | None], size: int,
     :func:`images_fingerprint` of the same images and settings, when the caller has it already).
     """
     check_image_settings(bad_images, max_pixels)
-    fp = fingerprint or images_fingerprint(images, size, source=source, column=column, ids=ids,
-                                           bad_images=bad_images, max_pixels=max_pixels)
+    fp = fingerprint or images_fingerprint(images, size, source=source, column=column, ids=ids, id_name=id_name,
+                                           rows=rows, bad_images=bad_images, max_pixels=max_pixels)
     path = None if cache_dir is None else Path(cache_dir) / f"images-{fp}.npy"
     if path is not None and path.exists():
         pixels, bad = np.load(path, mmap_mode="c"), _read_failures(path)  # copy-on-write: no copy
     else:
         pixels, bad = _decode_all(images, size, max_pixels, threads)
         if bad and bad_images == "fail":
-            raise _policy_error(source, column, bad, ids)
+            raise policy_error(source, column, bad, ids, id_name=id_name, rows=rows)
         if path is not None:
             pixels = _write_cache(path, pixels, bad)
-    rows = [r for r, _ in bad]
-    failures = ImageFailures(source, column, bad_images, rows, [e.kind for _, e in bad],
-                             [str(e) for _, e in bad], None if ids is None else [ids[r] for r in rows])
+    failures = ImageFailures(source, column, bad_images, item_ids=None if ids is None else [])
+    for i, e in bad:
+        failures.add(i if rows is None else int(rows[i]), e, None if ids is None else ids[i])
+    kept = np.setdiff1d(np.arange(len(images), dtype=np.int64), np.asarray([i for i, _ in bad], dtype=np.int64))
     if failures:
-        _log_skipped(failures, len(images))
-    kept = np.setdiff1d(np.arange(len(images), dtype=np.int64), np.asarray(rows, dtype=np.int64))
+        who = "" if ids is None else f"{id_name} {failures.item_ids[0]}: "
+        if len(kept) == 0:
+            raise ContractError(source, column, f"every image is bad ({failures.summary()['reasons']}), "
+                                                f"e.g. {who}{failures.messages[0]}", failures.rows)
+        log_skipped(failures, f"{len(failures)} of {len(images)} images are bad and left out", id_name)
     return DecodedImages(pixels, kept, failures, fp)
 
 
@@ -388,21 +404,28 @@ def _decode_all(images, size: int, max_pixels: int,
     return out, bad
 
 
-def _policy_error(source: str, column: str, bad: list[tuple[int, BadImage]],
-                  ids: Sequence | None) -> ContractError:
-    """The ``"fail"`` policy's error: the rows, the first bad image's item id and reason."""
-    row, e = bad[0]
-    who = "" if ids is None else f"item_id {ids[row]}: "
+def policy_error(source: str, column: str, bad: list[tuple[int, BadImage]], ids: Sequence | None, *,
+                 id_name: str = "item_id", rows: Sequence[int] | None = None,
+                 skip_does: str = "leaves bad images out") -> ContractError:
+    """The ``"fail"`` policy's error for ``bad`` ((position, :class:`BadImage`) pairs): the rows
+    (``rows[position]`` when given), the first bad image's id (``ids[position]``, called ``id_name``)
+    and reason, and what ``bad_images='skip'`` would do instead (``skip_does``)."""
+    first, e = bad[0]
+    who = "" if ids is None else f"{id_name} {ids[first]}: "
     more = f"; {len(bad)} bad images in all" if len(bad) > 1 else ""
-    return ContractError(source, column, f"{who}{e}{more} (bad_images='skip' leaves bad images out)",
-                         [i for i, _ in bad])
+    return ContractError(source, column, f"{who}{e}{more} (bad_images='skip' {skip_does})",
+                         [i if rows is None else int(rows[i]) for i, _ in bad])
 
 
-def _log_skipped(f: ImageFailures, n: int) -> None:
+def log_skipped(f: ImageFailures, what: str, id_name: str = "item_id",
+                logger: logging.Logger | None = None) -> None:
+    """The ``"skip"`` policy's warning about ``f`` (not empty) on ``logger`` (default: this
+    module's): ``what`` says what became of the bad images; then the count per reason and the first
+    one's row, id and message."""
     reasons = ", ".join(f"{k}: {c}" for k, c in sorted(Counter(f.kinds).items()))
-    who = "" if f.item_ids is None else f", item_id {f.item_ids[0]}"
-    log.warning("%s, column '%s': %d of %d images are bad and left out (bad_images=skip; %s); "
-                "e.g. row %d%s: %s", f.source, f.column, len(f), n, reasons, f.rows[0], who, f.messages[0])
+    who = "" if f.item_ids is None else f", {id_name} {f.item_ids[0]}"
+    (logger or log).warning("%s, column '%s': %s (bad_images=skip; %s); e.g. row %d%s: %s",
+                f.source, f.column, what, reasons, f.rows[0], who, f.messages[0])
 
 
 def _write_cache(path: Path, pixels: np.ndarray, bad: list[tuple[int, BadImage]]) -> np.ndarray:

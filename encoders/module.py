@@ -28,9 +28,9 @@ is augmented and encoded once per step (the self-supervised task's second view a
 ``"fail"`` (stop, naming the step, batch and tensors) or ``"skip"`` (skip the batch, counted in
 ``nonfinite.skipped``; the queues, the BatchNorm statistics and the ``seen`` counters are left as
 they were before it); see :mod:`ctr.guards`. Non-finite weights at the end of fitting always stop
-the run. When a trainer sets it up to fit with a data module, the module checks the click task's
-negatives counts against the data's pools and the monitored metric against what validation logs
-(:func:`ctr.checks.check_encoder_data`), before the first step.
+the run. (The data module, when a trainer fits with it, checks the click task's negatives counts
+against the data's pools and the monitored metric against :meth:`ContrastiveModule.metric_names`
+(:func:`ctr.checks.check_encoder_data`), before the first step.)
 """
 
 from __future__ import annotations
@@ -110,26 +110,10 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
                                                   for t in self.tasks}
         self.images_seen = 0
         self.nonfinite = NonFiniteGuard(nonfinite)
-        self._seen_at_start: tuple[dict, int] | None = None  # the counters before this step
-        self._data_checked = False
+        # this step's counts (task -> (examples, negatives, steps), images), taken back if it is skipped
+        self._pending: tuple[dict[str, tuple[int, float, int]], int] = ({}, 0)
 
     # ------------------------------------------------------------------ checks
-    def setup(self, stage: str) -> None:
-        """When a trainer is about to fit with a data module: its click negatives and the
-        monitored metric checked (:func:`ctr.checks.check_encoder_data`), before the first step."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if stage != "fit" or self._data_checked or dm is None or not hasattr(dm, "train_dataloader"):
-            return
-        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
-        from ctr.checks import check_encoder_data
-
-        batches = dm.train_dataloader().dataset  # builds the task batches: their own checks run too
-        monitors = [cb.monitor for cb in self.trainer.callbacks
-                    if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and cb.monitor]
-        check_encoder_data(getattr(batches, "batches", batches), monitors, self.metric_names("val"))
-        self._data_checked = True
-
     def metric_names(self, split: str = "val") -> list[str]:
         """The metrics validation (``split="val"``) or test logs, as :meth:`evaluate_collected`
         names them for the data's ``evaluation``: recall@K and nll per search, i2t/t2i R@K."""
@@ -225,10 +209,13 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
         queue and hard negatives; before false-negative masking). Under DDP ``examples`` is this
         rank's share, which is the same on every rank (the losses need equal shares)."""
         if self.training:
+            examples, negatives = int(examples) * rank_and_world()[1], float(negatives)
             c = self.seen[task]
-            c["examples"] += int(examples) * rank_and_world()[1]
-            c["negatives"] += float(negatives)
+            c["examples"] += examples
+            c["negatives"] += negatives
             c["steps"] += 1
+            e, n, k = self._pending[0].get(task, (0, 0.0, 0))
+            self._pending[0][task] = (e + examples, n + negatives, k + 1)
 
     def seen_summary(self) -> dict:
         """``{"examples": per task, "negatives_per_query": mean per task, "tokens": all examples,
@@ -253,7 +240,7 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         t0 = self._t_step = time.perf_counter()
         self.nonfinite.start_step(self)
-        self._seen_at_start = ({t: dict(c) for t, c in self.seen.items()}, self.images_seen)
+        self._pending = ({}, 0)
         images, keys = batch["images"], batch["keys"]
         inputs = dict(batch)
         if self.cache_tower_features:
@@ -266,6 +253,7 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
             emb = self.embed_images(x)
         (n_images,) = all_sum([images.shape[0]], self.device)  # images encoded by every rank
         self.images_seen += int(n_images)
+        self._pending = (self._pending[0], int(n_images))
         total = 0.0
         n = _batch_samples(batch)
         outputs, task_logs = {"image_embeddings": emb}, []
@@ -275,7 +263,6 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
             outputs[f"{task}_loss"] = loss
             task_logs.append((task, loss, logs))
         if not self.nonfinite.loss_ok(self, total, batch_idx, inputs=inputs, outputs=outputs):
-            self._restore_seen()
             return None  # skipped (nonfinite=skip): no backward, no optimiser step
         for task, loss, logs in task_logs:
             self.log(f"train/{task}_loss", loss, on_step=True, on_epoch=True, batch_size=n)
@@ -289,17 +276,22 @@ class ContrastiveModule(GuardedModule, pl.LightningModule):
         self.log("perf/images_per_step", float(images.shape[0]), on_step=True, on_epoch=True, batch_size=1)
         return total
 
-    def _restore_seen(self) -> None:
-        """A skipped batch is not counted: the ``seen`` counters as they were before it."""
-        if self._seen_at_start is not None:
-            seen, self.images_seen = self._seen_at_start
-            self.seen.update({t: dict(c) for t, c in seen.items()})
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if not self.nonfinite.grads_ok(self, optimizer):
-            self._restore_seen()
+    def _uncount_skipped(self) -> None:
+        """A skipped batch (its loss, or its gradients, non-finite) is not counted: its counts are
+        taken back from the ``seen`` counters."""
+        counts, images = self._pending
+        self._pending = ({}, 0)
+        if not self.nonfinite.step_skipped:
+            return
+        for task, (examples, negatives, steps) in counts.items():
+            c = self.seen[task]
+            c["examples"] -= examples
+            c["negatives"] -= negatives  # whole numbers as floats: exact
+            c["steps"] -= steps
+        self.images_seen -= images
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self._uncount_skipped()
         super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's step ends
         for s in self.scales.values():
             s.clamp_()

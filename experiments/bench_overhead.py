@@ -249,11 +249,12 @@ def main() -> None:
     if "decode" in args.parts:
         print()
         print("| image size | PIL decode images/s | decoded-cache images/s | cache speed-up | training images/s "
-              "from the cache | same, decoding in the loop |")
+              "from the cache | same, decoding in the loop (estimated) |")
         print("|---|---|---|---|---|---|")
         for size, r in decode_rates().items():
             enc = rows.get(f"contrastive: ResNet-18, {size} px, batch 64")
             train = enc["samples"] / enc["lightning"] if enc else None
+            # estimated: one serial decode per image added to the cached step (not a measured loop)
             cells = ["-", "-"] if train is None else [f"{train:,.0f}", f"{1 / (1 / train + 1 / r['decode']):,.0f}"]
             print(f"| {size} px | {r['decode']:,.0f} | {r['cache']:,.0f} | {r['cache'] / r['decode']:,.0f}× | "
                   + " | ".join(cells) + " |")

@@ -261,6 +261,20 @@ def test_skip_every_image_is_an_error():
         items_from_table(table, 8, None, source="items.parquet", bad_images="skip")
 
 
+def test_decode_names_the_source_rows_and_ids_and_takes_no_images():
+    good, bad = _enc(Image.new("RGB", (4, 4), RED)), b"not an image"
+    with pytest.raises(ContractError, match=r"x.parquet, column 'jpeg', row 7 .*creative_id 12: cannot decode"):
+        decode_images([good, bad], 8, source="x.parquet", column="jpeg", ids=[11, 12], id_name="creative_id",
+                      rows=[3, 7])
+    d = decode_images([good, bad], 8, source="x.parquet", column="jpeg", ids=[11, 12], rows=[3, 7],
+                      bad_images="skip")
+    assert d.kept.tolist() == [0] and d.failures.rows == [7] and d.failures.item_ids == [12]
+    with pytest.raises(ContractError, match=r"row 7 .*every image is bad .*e.g. creative_id 12"):
+        decode_images([bad], 8, ids=[12], id_name="creative_id", rows=[7], bad_images="skip")
+    empty = decode_images([], 8, bad_images="skip")  # nothing to decode: no failure, no error
+    assert len(empty.kept) == 0 and len(empty.failures) == 0
+
+
 def test_skip_missing_and_too_large_files_by_path(tmp_path):
     ok, big = tmp_path / "ok.png", tmp_path / "big.png"
     ok.write_bytes(_enc(Image.new("RGB", (10, 10), RED)))

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from ctr.data.contract import ContractError
-from ctr.data.prepare import PrepareSettings, SequenceSpec, prepare, settings_fingerprint
+from ctr.data.prepare import PrepareSettings, SequenceSpec, prepare
 from ctr.data.sources.parquet import ParquetSource, read_table
 
 N = 30  # events: 15 requests of 2 impressions, 5 users, 6 items
@@ -105,17 +105,20 @@ def rows_where(expr: pl.Expr) -> set[int]:
     return set(clean_tables()["events"].filter(expr)["row"].to_list())
 
 
+# the events of an item (user) that is dropped, with it, under "drop"
+ITEM_11, ITEM_12, ITEM_13 = (rows_where(pl.col("item_id") == i) for i in (11, 12, 13))
+USER_1 = rows_where(pl.col("user_id") == 1)
+
 # (id, change to the clean tables, file, column, first row named, words of the error,
 #  repairs under "drop": {file: {"<column>: <reason>": n}}, event rows dropped)
 ROW_CASES = [
     ("null event id", events_put("user_id", {3: None}), "events", "user_id", 3, "null id",
      {"events": {"user_id: null id": 1}}, {3}),
     ("null item id in items", items_put("item_id", {2: None}), "items", "item_id", 2, "null id",
-     {"items": {"item_id: null id": 1}, "events": {"item_id: not in the items table": 5}},
-     rows_where(pl.col("item_id") == 12)),
+     {"items": {"item_id: null id": 1}, "events": {"item_id: not in the items table": len(ITEM_12)}}, ITEM_12),
     ("null user id in users", lambda t: {**t, "users": put(t["users"], "user_id", {0: None})}, "users",
-     "user_id", 0, "null id", {"users": {"user_id: null id": 1}, "events": {"user_id: not in the users table": 6}},
-     rows_where(pl.col("user_id") == 1)),
+     "user_id", 0, "null id", {"users": {"user_id: null id": 1},
+                               "events": {"user_id: not in the users table": len(USER_1)}}, USER_1),
     ("label 2", events_put("clicked", {4: 2}), "events", "clicked", 4, "label must be 0 or 1, got 2",
      {"events": {"clicked: label not 0 or 1": 1}}, {4}),
     ("null label", events_put("clicked", {5: None}), "events", "clicked", 5, "null label",
@@ -125,8 +128,8 @@ ROW_CASES = [
     ("infinite number", events_put("score", {7: float("inf")}), "events", "score", 7, "non-finite value inf",
      {"events": {"score: non-finite value": 1}}, {7}),
     ("NaN number in items", items_put("price", {1: float("nan")}), "items", "price", 1, "non-finite value nan",
-     {"items": {"price: non-finite value": 1}, "events": {"item_id: not in the items table": 5}},
-     rows_where(pl.col("item_id") == 11)),
+     {"items": {"price: non-finite value": 1}, "events": {"item_id: not in the items table": len(ITEM_11)}},
+     ITEM_11),
     ("unparseable timestamp", then(iso_strings, events_put("timestamp", {8: "yesterday"})), "events",
      "timestamp", 8, "unparseable timestamp 'yesterday'", {"events": {"timestamp: unparseable timestamp": 1}}, {8}),
     ("null timestamp", events_put("timestamp", {9: None}), "events", "timestamp", 9, "null timestamp",
@@ -147,7 +150,7 @@ ROW_CASES = [
     ("event of an unknown user", events_put("user_id", {16: 77}), "events", "user_id", 16,
      "user_id 77 is not in the users table", {"events": {"user_id: not in the users table": 1}}, {16}),
     ("null dense feature", items_put("price", {3: None}), "events", "price", 3, "null value in a dense feature",
-     {"events": {"price: null dense feature": 5}}, rows_where(pl.col("item_id") == 13)),
+     {"events": {"price: null dense feature": len(ITEM_13)}}, ITEM_13),
     ("position 0", events_put("position", {18: 0}), "events", "position", 18, "positions must be non-null and >= 1",
      {"events": {"position: position null or < 1": 1}}, {18}),
     ("true_ctr above 1", events_put("true_ctr", {19: 1.5}), "events", "true_ctr", 19, "outside [0, 1]",
@@ -191,10 +194,8 @@ def test_clean_files_need_no_repair_and_keep_their_fingerprint(tmp_path):
     strict, lenient = run(tmp_path, src), run(tmp_path, src, "drop")
     assert strict.meta["repairs"] == lenient.meta["repairs"] == {}
     assert surviving_rows(strict) == surviving_rows(lenient) == list(range(N))
-    # at its default the setting is left out of the fingerprint (test_embeddings checks the formula)
+    # the policy is part of the fingerprint (test_embeddings checks that at its default it is left out)
     assert strict.fingerprint != lenient.fingerprint
-    assert settings_fingerprint("src", PrepareSettings(sparse=["user_id"])) == settings_fingerprint(
-        "src", PrepareSettings(sparse=["user_id"], bad_rows="fail"))
     with pytest.raises(ValueError, match="bad_rows"):
         PrepareSettings(sparse=["user_id"], bad_rows="ignore")
 

@@ -27,7 +27,20 @@ def test_tuning_applies_keeps_user_settings_and_can_be_switched_off():
     assert _run(CTR_MALLOC_TUNING="0") == {}
 
 
-def test_training_entry_points_record_it():
-    from ctr.runs import environment
+START = """import json
+from omegaconf import OmegaConf
+from ctr.malloc import applied
+from ctr.runs import environment, start_run
+assert applied() is None and environment()["malloc_tuning"] is None
+start_run(OmegaConf.create({"paths": {"run_dir": %r}, "seed": 0, "threads": None}))
+print(json.dumps([applied(), environment()["malloc_tuning"]]))
+"""
 
-    assert "malloc_tuning" in environment()
+
+def test_training_entry_points_apply_and_record_it(tmp_path):
+    """start_run (every training entry point's first step) applies the tuning; env.json records it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CTR_MALLOC_TUNING"}
+    out = subprocess.run([sys.executable, "-c", START % str(tmp_path / "run")], env=base, capture_output=True,
+                         text=True, check=True)
+    done, recorded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert done == recorded == _run()

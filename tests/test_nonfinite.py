@@ -29,6 +29,30 @@ def trainer(*callbacks, steps: int = 4) -> pl.Trainer:
                       enable_model_summary=False, callbacks=list(callbacks))
 
 
+def module_state(module, trainer) -> tuple[dict, list[float]]:
+    """Copies of ``module``'s state dict and its optimiser's step counts."""
+    opt = trainer.optimizers[0]
+    steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, steps
+
+
+def poison_batch_1(monkeypatch, cls, poison) -> None:
+    """``cls.training_step`` with ``poison(module, batch)`` applied for training batch 1 (it returns
+    a function undoing it)."""
+    step = cls.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if batch_idx != 1:
+            return step(self, batch, batch_idx)
+        undo = poison(self, batch)
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            undo()
+
+    monkeypatch.setattr(cls, "training_step", poisoned)
+
+
 class Poison(Callback):
     """At training batch ``at``: ``what`` = "label" (a NaN label: the loss goes NaN), "param" (a
     NaN weight: logits and loss go NaN) or "grad" (a finite loss whose backward gives the
@@ -39,15 +63,10 @@ class Poison(Callback):
         self.before = self.after = None
         self._hook = None
 
-    def _state(self, module, trainer):
-        opt = trainer.optimizers[0]
-        steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}, steps
-
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx != self.at:
             return
-        self.before = self._state(module, trainer)
+        self.before = module_state(module, trainer)
         p = module.get_parameter(self.param)
         if self.what == "label":
             batch.label[0] = NAN
@@ -59,7 +78,7 @@ class Poison(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == self.at:
-            self.after = self._state(module, trainer)
+            self.after = module_state(module, trainer)
             if self._hook is not None:
                 self._hook.remove()
 
@@ -142,19 +161,16 @@ def compose_sim(overrides, tmp_path, cache_dir):
 def test_ctr_train_skip_counts_in_metrics_json(tmp_path, cache_dir, monkeypatch):
     from ctr.train import train
 
-    step = CTRModule.training_step
+    def nan_label(module, batch):  # a NaN label in the second batch
+        batch.label[0] = NAN
+        return lambda: None
 
-    def poisoned(self, batch, batch_idx):  # a NaN label in the second batch
-        if batch_idx == 1:
-            batch.label[0] = NAN
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(CTRModule, "training_step", poisoned)
+    poison_batch_1(monkeypatch, CTRModule, nan_label)
     cfg = compose_sim(["trainer.fast_dev_run=3", "optim.nonfinite=skip"], tmp_path, cache_dir)
     metrics = train(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped_batches"] == saved["skipped_batches"] == 1
-    assert saved["train_samples"] == 2 * 1024
+    assert saved["train_samples"] == 2 * cfg.data.batch_size
 
 
 def test_ctr_train_fail_on_a_diverging_run(tmp_path, cache_dir):
@@ -163,7 +179,8 @@ def test_ctr_train_fail_on_a_diverging_run(tmp_path, cache_dir):
     from ctr.train import train
 
     cfg = compose_sim(["trainer.fast_dev_run=3", "optim.lr=1e30"], tmp_path, cache_dir)
-    with pytest.raises(NonFiniteError, match=r"(?s)global step 1, batch 1.*output\.logits \[1024\]"):
+    logits = rf"output\.logits \[{cfg.data.batch_size}\]"
+    with pytest.raises(NonFiniteError, match=rf"(?s)global step 1, batch 1.*{logits}"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -233,19 +250,12 @@ def test_encoder_train_skip_counts_in_metrics_json(tmp_path, cache_dir, monkeypa
     from encoders.module import ContrastiveModule
     from encoders.train import train
 
-    step = ContrastiveModule.training_step
+    def nan_views(module, batch):  # NaN augmented views in the second batch
+        augment = module.augment.forward
+        module.augment.forward = lambda x: augment(x) * NAN
+        return lambda: delattr(module.augment, "forward")
 
-    def poisoned(self, batch, batch_idx):  # NaN augmented views in the second batch
-        if batch_idx != 1:
-            return step(self, batch, batch_idx)
-        augment = self.augment.forward
-        self.augment.forward = lambda x: augment(x) * NAN
-        try:
-            return step(self, batch, batch_idx)
-        finally:
-            del self.augment.forward
-
-    monkeypatch.setattr(ContrastiveModule, "training_step", poisoned)
+    poison_batch_1(monkeypatch, ContrastiveModule, nan_views)
     over = ["name=nonfinite", "tasks.self_supervised=0", "tasks.click=1", "image=lcnet_050", "text=none",
             "image_size=32", "module.embed_dim=16", "data.module.batch_size=8", "data.module.source.preset=tiny",
             "trainer.fast_dev_run=2", "optim.nonfinite=skip", "logger=csv", "trainer.enable_progress_bar=false"]
@@ -268,12 +278,12 @@ class PoisonBatch(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.at:
-            self.before = Poison._state(self, module, trainer)
+            self.before = module_state(module, trainer)
             batch[self.key][self.index] = NAN
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == self.at:
-            self.after = Poison._state(self, module, trainer)
+            self.after = module_state(module, trainer)
 
 
 def assert_unchanged(poison, module) -> None:
@@ -459,14 +469,14 @@ class PoisonUpdate(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx != self.at:
             return
-        self.before = Poison._state(self, module, trainer)
+        self.before = module_state(module, trainer)
         calls = iter(range(1000))
         self._hook = module.get_parameter(self.param).register_hook(
             lambda g: torch.full_like(g, NAN) if next(calls) == self.update else g)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == self.at:
-            self.after = Poison._state(self, module, trainer)
+            self.after = module_state(module, trainer)
             self._hook.remove()
 
 
@@ -563,23 +573,6 @@ def test_pointwise_skip_leaves_weights_and_resumes_with_its_count(creative_parts
 
 
 # ---- through the entry points: metrics.json ----------------------------------------------------
-def poison_batch_1(monkeypatch, cls, poison) -> None:
-    """``cls.training_step`` with ``poison(module, batch)`` applied for training batch 1 (it returns
-    a function undoing it)."""
-    step = cls.training_step
-
-    def poisoned(self, batch, batch_idx):
-        if batch_idx != 1:
-            return step(self, batch, batch_idx)
-        undo = poison(self, batch)
-        try:
-            return step(self, batch, batch_idx)
-        finally:
-            undo()
-
-    monkeypatch.setattr(cls, "training_step", poisoned)
-
-
 def nan_clicks(module, batch):
     batch["clicks"][0] = NAN
     return lambda: None

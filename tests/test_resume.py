@@ -46,7 +46,10 @@ def assert_same_end(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def kill_and_resume(module: str, args: list[str], tmp_path: Path, env: dict, **kill) -> Path:
+def kill_and_resume(module: str, args: list[str], tmp_path: Path, env: dict, from_step: int | None = None,
+                    **kill) -> Path:
+    """Run, SIGKILLed as ``kill`` says; check that ``last.ckpt`` is the one of step ``from_step``
+    (when given); run the same command again."""
     run, marker = tmp_path / "killed", tmp_path / "killed.marker"
     cmd = [*args, f"hydra.run.dir={run}", "+callbacks.kill._target_=killers.KillAt", f"+callbacks.kill.marker={marker}",
            *(f"+callbacks.kill.{k}={v}" for k, v in kill.items())]
@@ -54,6 +57,8 @@ def kill_and_resume(module: str, args: list[str], tmp_path: Path, env: dict, **k
     assert r.returncode == -9, (r.returncode, r.stderr[-3000:])  # SIGKILL
     assert marker.exists() and not (run / "metrics.json").exists()
     assert (run / "checkpoints" / "last.ckpt").exists()
+    if from_step is not None:  # the checkpoint the resume starts from (inside an epoch or at its end)
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == from_step
     r = run_cli(module, cmd, env)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "csv" / "resume1").is_dir()  # it resumed (a fresh start would not keep the first log)
@@ -68,8 +73,8 @@ def clean_run(module: str, args: list[str], tmp_path: Path, env: dict) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("every, accumulate, step", [(None, 1, 24), (5, 1, 24), (3, 2, 11)])
-def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every, accumulate, step):
+@pytest.mark.parametrize("every, accumulate, step, from_step", [(None, 1, 24, 16), (5, 1, 24, 20), (3, 2, 11, 9)])
+def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every, accumulate, step, from_step):
     """Killed in the middle of the second epoch (16 batches an epoch); it resumes from the first
     epoch's end, or with checkpoint_every_n_steps from the last multiple of it (skipping the epoch's
     batches done); with gradient accumulation, from the start of an accumulation window."""
@@ -77,7 +82,7 @@ def test_ctr_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir, every, 
     args = [*SIM, "trainer.max_epochs=3", *([f"checkpoint_every_n_steps={every}"] if every else []),
             *([f"+trainer.accumulate_grad_batches={accumulate}"] if accumulate > 1 else [])]
     clean = clean_run("ctr.train", args, tmp_path, env)
-    killed = kill_and_resume("ctr.train", args, tmp_path, env, step=step)
+    killed = kill_and_resume("ctr.train", args, tmp_path, env, from_step=from_step, step=step)
     assert_same_end(clean, killed)
 
 
@@ -98,7 +103,7 @@ def test_encoder_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
     env = {"CTR_CACHE_DIR": str(cache_dir), "CTR_EMBED_DIR": str(tmp_path / "emb")}
     args = [*ENC, "checkpoint_every_n_steps=2"]
     assert_same_end(clean_run("encoders.train", args, tmp_path, env),
-                    kill_and_resume("encoders.train", args, tmp_path, env, step=7))
+                    kill_and_resume("encoders.train", args, tmp_path, env, from_step=6, step=7))
 
 
 @pytest.mark.slow
@@ -112,7 +117,7 @@ def test_moon2_killed_mid_epoch_resumes_bit_identical(tmp_path, cache_dir):
             "data.steps_per_epoch=4", "trainer.max_epochs=3", "checkpoint_every_n_steps=2", "threads=1",
             "logger=csv", "trainer.enable_progress_bar=false"]
     assert_same_end(clean_run("encoders.moon2.train", args, tmp_path, env),
-                    kill_and_resume("encoders.moon2.train", args, tmp_path, env, step=7))
+                    kill_and_resume("encoders.moon2.train", args, tmp_path, env, from_step=6, step=7))
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, cache_dir):

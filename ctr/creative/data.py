@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -302,8 +302,8 @@ class CreativeDataModule(L.LightningDataModule):
 
             tower = self.image_tower or ImageTower("efficientnet_lite0", pretrained=True,
                                                    img_size=self.image_size, freeze=True)
-            # the images' fingerprint with the policy and pixel limit (under the defaults: the same
-            # key as before the policy existed, so existing token caches are reused)
+            # the images' fingerprint, the policy and pixel limit included (image cache version 2:
+            # token caches keyed before the policy existed are not reused)
             tokens = image_token_cache(tower, pixels, decoded.fingerprint, self.cache_dir, self.image_size)
         self.images = CreativeImages(pixels, tokens)
         self.tables = t
@@ -311,23 +311,12 @@ class CreativeDataModule(L.LightningDataModule):
     def _decode(self, t: CreativeTables):
         """The creatives' images under the bad-image policy (rows of ``creatives.parquet``); errors
         and failures name the ``creative_id``."""
-        src, ids = f"{t.source}/creatives.parquet", t.creatives["creative_id"].to_list()
-        try:
-            decoded = decode_images(t.creatives["image"].to_list(), self.image_size,
-                                    None if self.cache_dir is None else Path(self.cache_dir) / "images",
-                                    source=src, column="image", bad_images=self.bad_images,
-                                    max_pixels=self.max_image_pixels)
-        except ContractError as e:  # "fail": name the creative too
-            if e.source != src or not e.rows:
-                raise
-            raise ContractError(src, e.column, f"creative_id {ids[e.rows[0]]}: {e.problem}", e.rows) from None
-        f = decoded.failures
-        if len(f):
-            f = decoded.failures = replace(f, item_ids=[ids[r] for r in f.rows])
-        if len(decoded.kept) == 0:
-            raise ContractError(src, "image", f"every image is bad ({f.summary()['reasons']}), e.g. "
-                                              f"creative_id {f.item_ids[0]}: {f.messages[0]}", f.rows)
-        self.image_failures = f
+        decoded = decode_images(t.creatives["image"].to_list(), self.image_size,
+                                None if self.cache_dir is None else Path(self.cache_dir) / "images",
+                                source=f"{t.source}/creatives.parquet", column="image",
+                                ids=t.creatives["creative_id"].to_list(), id_name="creative_id",
+                                bad_images=self.bad_images, max_pixels=self.max_image_pixels)
+        self.image_failures = decoded.failures
         return decoded
 
     def _without(self, t: CreativeTables, df: pl.DataFrame, decoded) -> tuple[CreativeTables, pl.DataFrame]:

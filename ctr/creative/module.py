@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ctr.creative.prompts import parse, rewards
 from ctr.creative.selector import Policy
-from ctr.guards import GuardedModule, NonFiniteGuard
+from ctr.guards import GuardedModule, NonFiniteGuard, grad_scaler
 from ctr.optim import warmup_cosine
 
 
@@ -204,9 +204,17 @@ class GRPOModule(SelectorModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Inside ``opt.step()``: the gradients checked (as they came from the backward pass), then
-        clipped to ``max_grad_norm``."""
-        if self.nonfinite.grads_ok(self, optimizer) and self.max_grad_norm and not self.nonfinite.step_skipped:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        clipped to ``max_grad_norm``; their total norm is computed once, for both."""
+        guard = self.nonfinite
+        if not self.max_grad_norm or guard.step_skipped:
+            guard.grads_ok(self, optimizer)
+            return
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if guard.grads_ok(self, optimizer, norm=norm):
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
@@ -226,7 +234,7 @@ class GRPOModule(SelectorModule):
                                                                    "completions": s["ids"]}, outputs=outputs):
                     self.manual_backward(loss_u)
                     loss, info = loss_u, info_u
-            if not (guard.step_skipped and getattr(self.trainer.precision_plugin, "scaler", None) is not None):
+            if not (guard.step_skipped and grad_scaler(self) is not None):
                 opt.step()  # on_before_optimizer_step checks the gradients (a skip drops them), clips
             sched.step()  # (fp16's scaler cannot step without gradients: a skipped update does not step)
         if guard.step_skipped:

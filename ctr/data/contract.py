@@ -121,9 +121,10 @@ def _shown(value: object) -> str:
     return value.isoformat(sep=" ") if isinstance(value, (datetime, date)) else repr(value)
 
 
-def _check_policy(policy: str) -> None:
+def _check_policy(policy: str, name: str = "bad-row policy") -> None:
+    """``policy`` must be one of :data:`POLICIES`; ``name`` is what the error calls it."""
     if policy not in POLICIES:
-        raise ValueError(f"bad-row policy must be one of {POLICIES}, got {policy!r}")
+        raise ValueError(f"{name} must be one of {POLICIES}, got {policy!r}")
 
 
 def enforce(df: pl.DataFrame, checks: list[RowCheck], source: str, policy: str = "fail") -> Checked:
@@ -136,9 +137,10 @@ def enforce(df: pl.DataFrame, checks: list[RowCheck], source: str, policy: str =
     masks = df.select([c.bad.fill_null(False).alias(f"__m{i}") for i, c in enumerate(checks)])
     if policy == "fail":
         for i, c in enumerate(checks):
-            n = int(masks[f"__m{i}"].sum())
+            m = masks[f"__m{i}"]
+            n = int(m.sum())
             if n:
-                rows = bad_rows(df, c.rows if c.rows is not None else c.bad.fill_null(False))
+                rows = bad_rows(df, c.rows) if c.rows is not None else m.arg_true().head(5).to_list()
                 text = (c.message or c.reason).format(value=_shown(df[c.column][rows[0]]))
                 raise ContractError(source, c.column, f"{text}; {n} such row{'s' * (n > 1)} in all "
                                     f"(bad_rows=drop would drop and count {'them' if n > 1 else 'it'})", rows)
@@ -190,15 +192,20 @@ def _parsed(name: str) -> str:
     return f"__parsed_{name}"
 
 
+def _naive_utc(s: pl.Series) -> pl.Series:
+    """A datetime series in naive UTC: a tz-aware one converted, a naive one as it is."""
+    if s.dtype.time_zone:  # type: ignore[union-attr]
+        return s.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return s
+
+
 def _parse(s: pl.Series, fmt: str | None) -> pl.Series:
     """Parse ISO-like strings with one format (None: inferred) to naive UTC ``Datetime("us")``."""
     try:
         out = s.str.to_datetime(fmt, strict=False, time_unit="us")
     except pl.exceptions.PolarsError:
         return pl.Series(s.name, [None] * len(s), dtype=pl.Datetime("us"))
-    if out.dtype.time_zone:  # type: ignore[union-attr]
-        out = out.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    return out
+    return _naive_utc(out)
 
 
 def _timestamps(df: pl.DataFrame, name: str, source: str) -> tuple[pl.Series, list[RowCheck]]:
@@ -206,31 +213,30 @@ def _timestamps(df: pl.DataFrame, name: str, source: str) -> tuple[pl.Series, li
     ``__parsed_<name>``, and its row checks (which read the raw column and the parsed one)."""
     s, parsed = df[name], pl.col(_parsed(name))
     lo, hi = TIME_RANGE
-    null = RowCheck(name, "null timestamp", pl.col(name).is_null())
+    unparseable = RowCheck(name, "unparseable timestamp", pl.col(name).is_not_null() & parsed.is_null(),
+                           "unparseable timestamp {value}")
+    out_of_range = (parsed <= lo) | (parsed >= hi)
     if isinstance(s.dtype, pl.Datetime):
-        out = s.dt.convert_time_zone("UTC").dt.replace_time_zone(None) if s.dtype.time_zone else s
-        out = out.dt.cast_time_unit("us")
+        out = _naive_utc(s).dt.cast_time_unit("us")
     elif s.dtype == pl.Date:
         out = s.cast(pl.Datetime("us"))
     elif s.dtype.is_integer() or s.dtype.is_float():  # unix seconds
+        # judged on the seconds themselves: a value too large for Datetime("us") parses to null
+        # but is out of range, not unparseable
         secs = pl.col(name).cast(pl.Float64)
         out = (s.cast(pl.Float64) * 1e6).round().cast(pl.Int64, strict=False).cast(pl.Datetime("us"))
-        return out.alias(_parsed(name)), [
-            null,
-            RowCheck(name, "timestamp not finite", ~secs.is_finite(),
-                     "timestamp is not a finite number: {value}"),
-            RowCheck(name, "timestamp out of range", (secs <= 0) | (secs >= (hi - lo).total_seconds()),
-                     _RANGE_TEXT)]
+        unparseable = RowCheck(name, "timestamp not finite", ~secs.is_finite(),
+                               "timestamp is not a finite number: {value}")
+        out_of_range = (secs <= 0) | (secs >= (hi - lo).total_seconds())
     elif s.dtype == pl.Utf8:
         out = pl.select(pl.coalesce([_parse(s, f) for f in _FORMATS])).to_series()
     else:
         raise ContractError(source, name, f"timestamps must be datetimes, unix seconds or ISO strings, "
                             f"got dtype {s.dtype}")
     return out.alias(_parsed(name)), [
-        null,
-        RowCheck(name, "unparseable timestamp", pl.col(name).is_not_null() & parsed.is_null(),
-                 "unparseable timestamp {value}"),
-        RowCheck(name, "timestamp out of range", (parsed <= lo) | (parsed >= hi), _RANGE_TEXT)]
+        RowCheck(name, "null timestamp", pl.col(name).is_null()),
+        unparseable,
+        RowCheck(name, "timestamp out of range", out_of_range, _RANGE_TEXT)]
 
 
 def _column_checks(df: pl.DataFrame, col: Col, source: str) -> tuple[list[RowCheck], pl.Series | None]:
@@ -300,7 +306,8 @@ def check(df: pl.DataFrame, table: str, source: str = "<memory>", policy: str = 
         checks += rules
         if values is not None:
             parsed[col.name] = values
-    checks += _finite_checks(df, {c.name for c in SCHEMAS[table] if c.kind in (LABEL, TIME)})
+    # labels and probabilities: their own range checks, which come first, catch NaN and inf
+    checks += _finite_checks(df, {c.name for c in SCHEMAS[table] if c.kind in (LABEL, TIME, PROB)})
     key = KEYS.get(table)
     if key is not None:
         rows = bad_rows(df, pl.col(key).is_duplicated() & pl.col(key).is_not_null(), 2)

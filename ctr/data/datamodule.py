@@ -53,7 +53,7 @@ class ResumableSampler(Sampler):
 
     def __init__(self, sampler, generator: torch.Generator | None = None, skip: int = 0):
         self.sampler, self.generator, self.skip = sampler, generator, skip
-        self.start_state = generator.get_state() if generator is not None else None
+        self.start_state: torch.Tensor | None = None  # set as each epoch starts
 
     def __iter__(self):
         if self.generator is not None:

@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from ctr.data.contract import (IMPRESSION_KEY, POLICIES, Checked, ContractError, RowCheck, check,
+from ctr.data.contract import (IMPRESSION_KEY, Checked, ContractError, RowCheck, _check_policy, check,
                                check_references, enforce)
 
 PREPARE_VERSION = 2  # bump when the artefact format or the preparation logic changes (2: ties broken by the impression key)
@@ -166,8 +166,7 @@ class PrepareSettings:
         if isinstance(self.sequence, dict):
             self.sequence = SequenceSpec(**self.sequence)
         self.fractions = tuple(float(f) for f in self.fractions)  # type: ignore[assignment]
-        if self.bad_rows not in POLICIES:
-            raise ValueError(f"bad_rows must be one of {POLICIES}, got {self.bad_rows!r}")
+        _check_policy(self.bad_rows, "bad_rows")
         if self.split not in ("time", "user_last"):
             raise ValueError(f"split must be 'time' or 'user_last', got {self.split!r}")
         if self.split == "time" and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9
@@ -212,7 +211,7 @@ _MEDIA = ("title", "image", "image_path")  # item columns that are no features (
 @dataclass
 class _Joined:
     events: pl.DataFrame  # every log, joined with items and users, with a ``__split`` column
-    items: pl.DataFrame | None  # the checked items table (rows dropped under bad_rows="drop")
+    items: pl.DataFrame | None  # the checked items table (rows dropped under bad_rows="drop"), less _MEDIA
     repairs: dict[str, dict[str, int]]  # file -> {"<column>: <reason>": rows dropped}
 
 
@@ -238,13 +237,16 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> _Joined:
     if t.items is not None:
         where = t.names.get("items", "items")
         items = kept(check(t.items, "items", where, policy), where)
-        clash = (set(items.columns) - {"item_id", *_MEDIA}) & set(main.columns)
+        items = items.drop([c for c in _MEDIA if c in items.columns])  # no features: encoders read them
+        clash = (set(items.columns) - {"item_id"}) & set(main.columns)
         if clash:
             raise ContractError(where, sorted(clash)[0], "column exists in both events and items")
     if t.users is not None:
         where = t.names.get("users", "users")
         users = kept(check(t.users, "users", where, policy), where)
     _check_features(settings, main, items, users, logs["__main"][0])
+    dense = [RowCheck(n, "null dense feature", pl.col(n).is_null(), "null value in a dense feature")
+             for n in settings.dense]
     frames = []
     for split, (where, ev) in logs.items():
         if items is not None:
@@ -252,13 +254,10 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> _Joined:
                 if col not in ev.columns:
                     raise ContractError(where, col, "item_refs column not found in the events")
                 ev = kept(check_references(ev, items, "item_id", where, column=col, policy=policy), where)
-            ev = ev.join(items.drop([c for c in _MEDIA if c in items.columns]), on="item_id", how="left",
-                         maintain_order="left")
+            ev = ev.join(items, on="item_id", how="left", maintain_order="left")
         if users is not None:
             ev = kept(check_references(ev, users, "user_id", where, policy=policy), where)
             ev = ev.join(users, on="user_id", how="left", maintain_order="left")
-        dense = [RowCheck(n, "null dense feature", pl.col(n).is_null(), "null value in a dense feature")
-                 for n in settings.dense]
         ev = kept(enforce(ev, dense, where, policy), where)
         frames.append(ev.with_columns(pl.lit(split).alias("__split")))
     return _Joined(pl.concat(frames, how="vertical"), items, repairs)
@@ -266,10 +265,10 @@ def _join_tables(t: Tables, settings: PrepareSettings) -> _Joined:
 
 def _check_features(s: PrepareSettings, events: pl.DataFrame, items: pl.DataFrame | None,
                     users: pl.DataFrame | None, where: str) -> None:
-    """Every column the settings name must be in events, items (but its media) or users."""
+    """Every column the settings name must be in events, items (its media dropped) or users."""
     have = set(events.columns)
     if items is not None:
-        have |= set(items.columns) - set(_MEDIA)
+        have |= set(items.columns)
     if users is not None:
         have |= set(users.columns)
     needed = set(s.sparse) | set(s.dense) | set(s.keep) | set(s.order) | set(s.item_refs)
@@ -326,10 +325,10 @@ def _hash_encode(values: pl.Series, train_values: pl.Series, buckets: int) -> tu
     the train values (value, count, index: their code), most frequent first, for vocab/<name>.parquet."""
     uniq = values.drop_nulls().unique()
     codes = pl.Series([2 + stable_hash(v, buckets) for v in uniq.to_list()], dtype=pl.Int32)
-    encoded = values.replace_strict(uniq, codes, default=1, return_dtype=pl.Int32).fill_null(1)
+    encoded = _encode(values, pl.DataFrame({values.name: uniq, "index": codes}))
     table = _fit_vocab(train_values, 1)  # the train values, most frequent first; their codes as index
     table = table.with_columns(table[values.name].replace_strict(uniq, codes, return_dtype=pl.Int32).alias("index"))
-    return encoded.to_numpy(), table
+    return encoded, table
 
 
 def _encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
@@ -344,7 +343,6 @@ def _item_rows(items: pl.DataFrame | None, df: pl.DataFrame, s: PrepareSettings,
     impressions and clicks)."""
     if items is None:
         raise ContractError(source_name, s.item_refs[0], "item_refs need an items table")
-    items = items.drop([c for c in _MEDIA if c in items.columns])
     items = items.sort("item_id").with_columns((pl.int_range(pl.len()) + 1).cast(pl.Int32).alias("row"))
     refs = {}  # every id was checked against the items table by _join_tables
     for name in s.item_refs:

@@ -61,12 +61,11 @@ class CTRModel(nn.Module):
         if unknown:
             raise ValueError(f"id_dropout names unknown sparse features {unknown}; known: {self.sparse_names}")
         tables = dict(meta["vocab_sizes"])
-        self.hist_prefix = "" if share_history_tables else "hist__"
+        prefix = "" if share_history_tables else "hist__"
         if not share_history_tables:  # history items get tables of their own
             tables.update({f"hist__{n}": meta["vocab_sizes"][n] for n in self.seq_names})
         # the history's ids are looked up as hist.<feature>, in the target's table or its own
-        aliases = {f"hist.{n}": self.hist_prefix + n for n in self.seq_names}
-        self.embedding_backend = embedding_backend
+        aliases = {f"hist.{n}": prefix + n for n in self.seq_names}
         self.embedding = make_embedding(embedding_backend, tables, embedding_dim, init_std, aliases)
         self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout > 0 else nn.Identity()
         self.visual = visual(meta=meta, embedding_dim=embedding_dim) if visual is not None else None

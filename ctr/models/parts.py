@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ctr.models.embedding import FeatureEmbedding  # noqa: F401  (the plain embedding backend, kept importable here)
 
 
 def activation(name: str, dim: int | None = None) -> nn.Module:
@@ -119,8 +118,8 @@ class TargetAttention(nn.Module):
     ``unit_precision="bf16"`` runs the unit (its matrix products and activations, the [M, H] part
     that dominates DIN's cost) under bf16 autocast; the scores, the pooling and everything else
     stay float32, and so do the weights and their gradients. On CPUs with native bf16 (AVX512-BF16,
-    AMX) and on GPUs it is faster (ML100K here: 13,865 against 12,477 samples/s,
-    ``experiments/bench_ctr.py``); elsewhere bf16 is emulated and slower.
+    AMX) and on GPUs it is faster (ML100K here, both before the allocator tuning: 13,865 against
+    12,477 samples/s, ``experiments/bench_ctr.py``); elsewhere bf16 is emulated and slower.
     """
 
     def __init__(self, dim: int, hidden: list[int] = (64, 32), act: str = "dice",
@@ -202,7 +201,9 @@ class TargetAttention(nn.Module):
         the flat positions ``pos`` [M] (row * L + step, ascending) of the [B, L] grid ``shape``. The
         same function as :meth:`forward` on the padded grid, without ever building it."""
         row = torch.div(pos, shape[1], rounding_mode="floor")
-        w = self._grid(self._packed_scores(query, keys, row), pos, shape).reshape(-1).index_select(0, pos)
+        w = self._packed_scores(query, keys, row)
+        if self.normalize == "softmax":  # normalised over each row's grid ("none": the round trip is the identity)
+            w = self._grid(w, pos, shape).reshape(-1).index_select(0, pos)
         return keys.new_zeros(shape[0], keys.shape[1]).index_add(0, row, w.unsqueeze(1) * keys)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ctr.data.batch import Batch
 from ctr.data.contract import ContractError
-from ctr.models.parts import MLP, sequence_mask
+from ctr.models.parts import MLP
 
 MODES = ("init", "sum", "concat", "none")
 

@@ -120,20 +120,13 @@ def fashion_products(size: int, cache_dir: str | None, data_dir: str | None = No
     df = df.sort("id").with_columns(pl.col("id").alias("item_id"), pl.col("jpeg").alias("image"),
                                     pl.col("productDisplayName").fill_null(pl.col("articleType")).alias("title"),
                                     pl.col("articleType").alias("category"))
-    src_rows = df["__src_row"].to_list()  # each item's row in images.parquet
-    try:
-        items = items_from_table(df.select("item_id", "image", "title", "category"), size, cache_dir,
-                                 source=str(img_path), held_out=held_out, bad_images=bad_images,
-                                 max_pixels=max_pixels)
-    except ContractError as e:  # name the parquet's own column and rows
-        if e.column != "image":
-            raise
-        raise ContractError(str(img_path), "jpeg", e.problem, [src_rows[r] for r in e.rows]) from None
+    items = items_from_table(df.select("item_id", "image", "title", "category"), size, cache_dir,
+                             source=str(img_path), held_out=held_out, bad_images=bad_images,
+                             max_pixels=max_pixels, image_column="jpeg",
+                             image_rows=df["__src_row"].to_list())  # the parquet's own column and rows
     if len(items.image_failures):  # the attributes follow the kept rows
-        df = df[np.setdiff1d(np.arange(df.height), items.image_failures.rows)]
-        kept = set(df["id"].to_list())
-        filled = [i for i in filled if i in kept]
-    items.image_failures = items.image_failures.relabel(str(img_path), "jpeg", src_rows)
+        df = df.filter(pl.col("id").is_in(pl.Series(items.item_ids).implode()))
+        filled = [i for i, k in zip(filled, np.isin(filled, items.item_ids)) if k]
     items.meta = {"source": "fashion", "n_products": len(items), "titles_filled": filled}
     attrs = {a: df[c].fill_null("unknown").to_numpy().astype(str) for a, c in FASHION_ATTRS.items()}
     return Products(items, attrs)

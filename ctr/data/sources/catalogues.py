@@ -176,10 +176,12 @@ def load_catalogue(
         meta = meta.with_columns(pl.col(spec.id_col).cast(spec.id_dtype))
     except pl.exceptions.InvalidOperationError as e:
         raise ContractError(str(meta_path), spec.id_col, f"ids are not {spec.id_dtype}: {e}") from None
-    ids_with_image = pl.read_parquet(images_path, columns=[spec.id_col]).with_columns(
-        pl.col(spec.id_col).cast(spec.id_dtype))
+    # each id with a photo and its (first) photo's parquet row, from the id column alone
+    ids_with_image = (pl.read_parquet(images_path, columns=[spec.id_col]).with_row_index("__row")
+                      .with_columns(pl.col(spec.id_col).cast(spec.id_dtype))
+                      .unique(spec.id_col, keep="first"))
     attr = {a: spec.columns[a] for a in _ATTRS}
-    pool = (meta.join(ids_with_image.unique(), on=spec.id_col, how="inner")
+    pool = (meta.join(ids_with_image, on=spec.id_col, how="inner")
             .unique(spec.id_col, keep="first")
             .filter(pl.col(attr["category"]).is_not_null()))
 
@@ -213,7 +215,7 @@ def load_catalogue(
     titles = _titles(name, sample, spec, names, codes)
 
     # ---- colour similarity from the photos ----
-    with Image.open(io.BytesIO(images[0])) as first:
+    with Image.open(io.BytesIO(images[0])) as first:  # the header only: the photos' stored size
         size = first.size
     n_col = len(names["colour"])
     cnt = np.bincount(codes["colour"], minlength=n_col).astype(np.float64)
@@ -293,13 +295,14 @@ def _titles(name: str, sample: pl.DataFrame, spec: _Spec, names: dict, codes: di
 
 def _sample_photos(pool: pl.DataFrame, take: np.ndarray, spec: _Spec, path: Path, rng: np.random.Generator,
                    bad_images: str, max_pixels: int):
-    """The photos of the products ``pool[take]`` and their mean centre colours (:func:`_centre_rgb`).
+    """The photos of the products ``pool[take]`` (``pool["__row"]``: each one's parquet row) and
+    their mean centre colours (:func:`_centre_rgb`).
 
     A bad photo raises under ``"fail"`` (a :class:`ContractError` naming ``path``, ``jpeg``, the
     parquet row and the product id); under ``"skip"`` its product is replaced in ``take`` (in
     place) by a draw from the products not drawn yet, until every photo decodes. Returns (bytes per
     product, RGB [n, 3], the replaced products as ``ImageFailures``)."""
-    from encoders.images import BadImage, ImageFailures
+    from encoders.images import BadImage, ImageFailures, log_skipped, policy_error
 
     images: list = [None] * len(take)
     rgb = np.empty((len(take), 3), dtype=np.float64)
@@ -309,20 +312,18 @@ def _sample_photos(pool: pl.DataFrame, take: np.ndarray, spec: _Spec, path: Path
     todo = np.arange(len(take))
     while len(todo):
         ids = pool[spec.id_col].gather(take[todo])
-        jpeg, rows = _read_photos(path, spec, ids)
+        rows = pool["__row"].gather(take[todo]).to_list()
+        jpeg = _read_photos(path, spec, ids)
         bad = []
         for j, b, row, pid in zip(todo, jpeg, rows, ids.to_list()):
             try:
                 rgb[j], images[j] = _centre_rgb(b, max_pixels), b
             except BadImage as e:
                 if bad_images == "fail":
-                    raise ContractError(str(path), "jpeg", f"{spec.id_col} {pid}: {e} (bad_images='skip' "
-                                        f"replaces such products)", [] if row is None else [row]) from None
+                    raise policy_error(str(path), "jpeg", [(0, e)], [pid], id_name=spec.id_col, rows=[row],
+                                       skip_does="replaces such products") from None
                 bad.append(j)
-                failures.rows.append(-1 if row is None else row)
-                failures.kinds.append(e.kind)
-                failures.messages.append(str(e))
-                failures.item_ids.append(str(pid))
+                failures.add(row, e, str(pid))
         rest = np.flatnonzero(~drawn)
         if len(rest) < len(bad):
             raise ContractError(str(path), "jpeg", f"too few products with a usable photo: {len(failures)} bad "
@@ -332,21 +333,21 @@ def _sample_photos(pool: pl.DataFrame, take: np.ndarray, spec: _Spec, path: Path
             take[todo] = rng.choice(rest, size=len(todo), replace=False)
             drawn[take[todo]] = True
     if failures:
-        log.warning("%s, column 'jpeg': %d sampled products have a bad photo and were replaced by other "
-                    "products (bad_images=skip; %s); e.g. %s %s: %s", path, len(failures),
-                    failures.summary()["reasons"], spec.id_col, failures.item_ids[0], failures.messages[0])
+        log_skipped(failures, f"{len(failures)} sampled products have a bad photo and were replaced by "
+                              f"other products", spec.id_col, log)
     return images, rgb, failures
 
 
-def _read_photos(path: Path, spec: _Spec, ids: pl.Series) -> tuple[list, list]:
-    """The photo bytes of ``ids`` (None where the parquet has none) and their parquet rows."""
-    photos = (pl.scan_parquet(path).select(spec.id_col, "jpeg").with_row_index("__row")
+def _read_photos(path: Path, spec: _Spec, ids: pl.Series) -> list:
+    """The photo bytes of ``ids`` (each id's first photo in the parquet; None where it has none).
+    No row index in the scan, so the id filter is pushed into the parquet reader and only the
+    matching rows' ``jpeg`` values are read."""
+    photos = (pl.scan_parquet(path).select(spec.id_col, "jpeg")
               .with_columns(pl.col(spec.id_col).cast(spec.id_dtype))
               .filter(pl.col(spec.id_col).is_in(ids.implode()))
-              .unique(spec.id_col, keep="first")
+              .unique(spec.id_col, keep="first", maintain_order=True)
               .collect())
-    got = ids.to_frame().join(photos, on=spec.id_col, how="left", maintain_order="left")
-    return got["jpeg"].to_list(), got["__row"].to_list()
+    return ids.to_frame().join(photos, on=spec.id_col, how="left", maintain_order="left")["jpeg"].to_list()
 
 
 def _centre_rgb(photo: bytes | None, max_pixels: int) -> np.ndarray:

@@ -36,13 +36,16 @@ def _read_one(p: Path) -> pl.DataFrame:
         raise ContractError(str(p), None, "the file is empty (0 bytes)")
     csv = p.suffix in (".csv", ".tsv")
     sep = "\t" if p.suffix == ".tsv" else ","
+    data = p.read_bytes() if csv else b""  # a CSV is read from disk once, its checks work on the bytes
     if csv:
-        _check_csv_fields(p, sep)
+        _check_csv_fields(p, data, sep)
     try:
-        return pl.read_csv(p, separator=sep) if csv else pl.read_parquet(p)
+        if csv:
+            return pl.read_csv(io.BytesIO(data), separator=sep, infer_schema_length=CSV_INFER_ROWS)
+        return pl.read_parquet(p)
     except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as e:
         if csv:
-            _name_unparseable_csv_values(p, sep)
+            _name_unparseable_csv_values(p, data, sep)
         what = "csv" if csv else "parquet (is it truncated, or not a parquet file?)"
         raise ContractError(str(p), None, f"cannot be read as {what}: {e}") from e
 
@@ -50,18 +53,18 @@ def _read_one(p: Path) -> pl.DataFrame:
 CSV_INFER_ROWS = 100  # polars' default: a column's type comes from its first rows
 
 
-def _name_unparseable_csv_values(p: Path, sep: str) -> None:
+def _name_unparseable_csv_values(p: Path, data: bytes, sep: str) -> None:
     """A CSV value that does not parse as its column's type (inferred from the first rows, e.g. a
     ``yes`` far down an integer column): an error naming the column and the rows, where polars
     names only the column. Returns when it finds none (the caller reports polars' error)."""
     try:
-        text = pl.read_csv(p, separator=sep, infer_schema=False)
-        # the types polars infers from the first rows (read back from those rows alone)
-        head = pl.read_csv(io.StringIO(text.head(CSV_INFER_ROWS).write_csv()))
+        text = pl.read_csv(io.BytesIO(data), separator=sep, infer_schema=False)
+        # the types polars infers from the first rows (the schema alone: no row is parsed)
+        schema = pl.scan_csv(data, separator=sep, infer_schema_length=CSV_INFER_ROWS).collect_schema()
     except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException):
         return
-    for name, dtype in head.schema.items():
-        if dtype == pl.String or name not in text.columns:
+    for name, dtype in schema.items():
+        if dtype == pl.String:
             continue
         raw = text[name].str.strip_chars()
         bad = (raw.is_not_null() & (raw != "") & raw.cast(dtype, strict=False).is_null()).arg_true()
@@ -72,12 +75,13 @@ def _name_unparseable_csv_values(p: Path, sep: str) -> None:
                                 rows)
 
 
-def _check_csv_fields(p: Path, sep: str) -> None:
-    """Every line must have as many fields as the header: polars pads a short row with nulls and
-    reads a blank line as a row of nulls, silently. Lines are rows unless a quoted field spans lines
-    (an odd number of quote characters on a line), where this check stands aside."""
-    lines = pl.Series("line", p.read_bytes().decode("utf-8", errors="replace").split("\n"))
-    lines = lines.str.strip_suffix("\r")
+def _check_csv_fields(p: Path, data: bytes, sep: str) -> None:
+    """Every line of ``data`` (the bytes of the file ``p``) must have as many fields as the header:
+    polars pads a short row with nulls and reads a blank line as a row of nulls, silently. Lines are
+    rows unless a quoted field spans lines (an odd number of quote characters on a line), where this
+    check stands aside."""
+    text = data.decode("utf-8", errors="replace")
+    lines = pl.Series("line", [text]).str.split("\n").explode().str.strip_suffix("\r")
     if lines[-1] == "":
         lines = lines.head(-1)  # the final newline
     if (lines.str.count_matches('"', literal=True) % 2 == 1).any():

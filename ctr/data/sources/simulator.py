@@ -112,12 +112,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from ctr.data.sources import images as img
 from ctr.data.sources.catalogues import CATALOGUES, Catalogue, catalogue_files, load_catalogue
+
+if TYPE_CHECKING:
+    from ctr.data.prepare import Tables
 
 SIM_VERSION = 1  # bump when the generative model changes, so prepared artefacts are rebuilt
 #: ``SimConfig.bad_images`` values (those of ``encoders.images.BAD_IMAGE_POLICIES``, which imports torch)
