@@ -226,18 +226,20 @@ class ExpectedCalibrationError(_CTRMetric):
         return ((self.sum_pred - self.sum_target).abs().sum() / self.count.sum()).float()
 
 
-def ctr_metrics(prefix: str = "") -> MetricCollection:
+def ctr_metrics(prefix: str = "", **kwargs) -> MetricCollection:
     """Standard CTR evaluation collection: auc, gauc, logloss, calibration, ece.
 
     Update with ``collection.update(preds, target, groups=groups)`` (probabilities, 0/1, user index).
+    ``kwargs`` go to every metric (torchmetrics' ``sync_on_compute=False``: a rank-local computation
+    that gathers nothing, e.g. over data every rank holds whole).
     """
     return MetricCollection(
         {
-            "auc": AUC(),
-            "gauc": GAUC(),
-            "logloss": LogLoss(),
-            "calibration": CalibrationRatio(),
-            "ece": ExpectedCalibrationError(),
+            "auc": AUC(**kwargs),
+            "gauc": GAUC(**kwargs),
+            "logloss": LogLoss(**kwargs),
+            "calibration": CalibrationRatio(**kwargs),
+            "ece": ExpectedCalibrationError(**kwargs),
         },
         prefix=prefix,
         compute_groups=False,  # every metric has its own states; nothing to share

@@ -34,7 +34,9 @@ def oracle_metrics(split_dir: Path) -> dict | None:
     p = split_dir / "extra.true_ctr.npy"
     if not p.exists():
         return None
-    m = ctr_metrics()
+    # every rank reads the whole split: nothing to gather (under NCCL, gathering these CPU
+    # tensors would fail: "No backend type associated with device type cpu")
+    m = ctr_metrics(sync_on_compute=False)
     m.update(torch.from_numpy(np.load(p)).float(), torch.from_numpy(np.load(split_dir / "label.npy")),
              groups=torch.from_numpy(np.load(split_dir / "group.npy")))
     return {k: float(v) for k, v in m.compute().items()}

@@ -41,7 +41,10 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark is for a GPU machine (see experiments/bench_peers.py for CPU)")
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="bench-gpu-")
     out = args.out or Path(tmp.name)
-    rows = []
+    # each row is printed as its run ends: a run cut short by a time limit keeps the rows before it
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print("| preset | batch | precision | train samples/s | peak GPU memory GB | epochs | test AUC |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for preset in args.presets:
         for bs in args.batch_sizes:
             for prec in args.precision:
@@ -54,20 +57,11 @@ def main() -> None:
                     p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        env={**os.environ, "WANDB_MODE": "disabled"})
                 if p.returncode != 0:
-                    rows.append((preset, bs, prec, None))
-                    print(f"failed: {preset} batch {bs} {prec} (see {run / 'stdout.log'})", file=sys.stderr)
+                    print(f"| {preset} | {bs:,} | {prec} | failed (see {run / 'stdout.log'}) | | | |", flush=True)
                     continue
-                rows.append((preset, bs, prec, json.loads((run / "bench.json").read_text())))
-                print(f"done {preset} batch {bs} {prec}", file=sys.stderr, flush=True)
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print("| preset | batch | precision | train samples/s | peak GPU memory GB | epochs | test AUC |")
-    print("|---|---|---|---|---|---|---|")
-    for preset, bs, prec, m in rows:
-        if m is None:
-            print(f"| {preset} | {bs:,} | {prec} | failed | | | |")
-            continue
-        print(f"| {preset} | {bs:,} | {prec} | {m['train_samples_per_s']:,.0f} | "
-              f"{(m.get('peak_gpu_mb') or 0) / 1024:.2f} | {m['epochs']} | {m['test']['auc']:.4f} |")
+                m = json.loads((run / "bench.json").read_text())
+                print(f"| {preset} | {bs:,} | {prec} | {m['train_samples_per_s']:,.0f} | "
+                      f"{(m.get('peak_gpu_mb') or 0) / 1024:.2f} | {m['epochs']} | {m['test']['auc']:.4f} |", flush=True)
     if tmp is not None:
         tmp.cleanup()
 

@@ -390,6 +390,41 @@ def _tiny_din(cache_dir, overrides=()):
     return instantiate(cfg.model, _convert_="all")(meta=dm.meta), next(iter(dm.train_dataloader()))
 
 
+def test_oracle_metrics_gather_nothing_under_a_process_group(tiny_sim, monkeypatch, tmp_path):
+    """Every rank computes the true_ctr oracle over the whole split from CPU arrays: torchmetrics
+    must not gather them (under NCCL a CPU all_gather fails: "No backend type associated with
+    device type cpu", seen on an H100 with ``trainer=ddp``)."""
+    import torch.distributed as dist
+
+    from ctr.train import oracle_metrics
+
+    expected = oracle_metrics(tiny_sim.split_dir("test"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def refuse(*a, **k):
+            raise RuntimeError("all_gather called")
+
+        monkeypatch.setattr(dist, "all_gather", refuse)
+        assert oracle_metrics(tiny_sim.split_dir("test")) == expected
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
+def test_target_attention_runs_on_bf16_parameters(cache_dir):
+    """FSDP's bf16-mixed casts the parameters themselves to bf16 (``param_dtype``) inside autocast;
+    the packed attention pooled bf16 keys with float32 weights into a bf16 buffer and failed there
+    (index_add_ dtype mismatch, seen on an H100). Packed and padded agree on bf16 parameters too."""
+    out = {}
+    for pack in (True, False):
+        model, batch = _tiny_din(cache_dir, [f"model.sequence.pack={str(pack).lower()}"])
+        model = model.to(torch.bfloat16).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out[pack] = model(batch).float()
+        assert torch.isfinite(out[pack]).all()
+    torch.testing.assert_close(out[True], out[False], atol=0.05, rtol=0.05)
+
+
 def test_packed_attention_breaks_the_graph_unpacked_does_not(cache_dir):
     """The README's advice: ``model.sequence.pack=false`` gives torch.compile one graph (the packed
     target attention's nonzero has a data-dependent shape)."""

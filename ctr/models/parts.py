@@ -204,7 +204,8 @@ class TargetAttention(nn.Module):
         w = self._packed_scores(query, keys, row)
         if self.normalize == "softmax":  # normalised over each row's grid ("none": the round trip is the identity)
             w = self._grid(w, pos, shape).reshape(-1).index_select(0, pos)
-        return keys.new_zeros(shape[0], keys.shape[1]).index_add(0, row, w.unsqueeze(1) * keys)
+        weighted = w.unsqueeze(1) * keys  # float32 weights: bf16 keys (FSDP's bf16 parameters) promote
+        return weighted.new_zeros(shape[0], keys.shape[1]).index_add(0, row, weighted)
 
 
 class ConcatPooling(nn.Module):
