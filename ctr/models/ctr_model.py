@@ -124,7 +124,8 @@ class CTRModel(nn.Module):
             ids.update({f"hist.{n}": batch.seq[n] for n in self.seq_names})
         emb = self.embedding.lookup(ids)  # one call for every table (one KJT with torchrec)
         if vis is not None:
-            v_t = vis.vectors(batch.refs["item_id"])
+            vt = vis.item_table()  # once per forward, then looked up
+            v_t = vis.vectors(batch.refs["item_id"], vt)
             emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
         parts = [emb[n] for n in self.sparse_names]
         sim = mask = None
@@ -137,7 +138,7 @@ class CTRModel(nn.Module):
                 hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
                 bias = None
                 if vis is not None:
-                    v_h = vis.vectors(batch.refs["hist.item_id"])
+                    v_h = vis.vectors(batch.refs["hist.item_id"], vt)
                     if "item_id" in hk:
                         hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
                     sim = vis.similarity(v_t, v_h, mask)
@@ -149,7 +150,7 @@ class CTRModel(nn.Module):
                 n = batch.seq_len.to(query.dtype).clamp_min(0)
                 parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
         if vis is not None:
-            f = vis.features(batch, v_t, sim, mask)
+            f = vis.features(batch, v_t, sim, mask, vt)
             if f is not None:
                 parts.append(f)
         x = self.embedding_dropout(torch.cat(parts, dim=-1))

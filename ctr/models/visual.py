@@ -225,17 +225,21 @@ class VisualArch(nn.Module):
         return self.tiers + ((self.embedding_dim + 1) if self.query else 0)
 
     # vectors -----------------------------------------------------------------------------------
-    def vectors(self, rows: Tensor) -> Tensor:
-        """Item vectors of item rows (any shape) after the debiasing network; row 0 stays zero."""
-        if self.debias is None:
-            v = self.table[rows]
-        elif rows.numel() > self.table.shape[0]:  # adjust the whole table once, then look up
-            t = self.debias(self.table)
+    def item_table(self) -> Tensor:
+        """[N + 1, D]: every item row's vector after the debiasing network, normalised (when
+        ``normalize``); row 0 stays zero. One forward computes it once and looks its rows up (the
+        table has ~N rows, a batch's history B x L of them: the debiasing MLP, the normalisation and
+        their backward run on the table, and the look-ups' backward is one embedding backward)."""
+        t = self.table
+        if self.debias is not None:
+            t = self.debias(t)
             t = torch.cat([torch.zeros_like(t[:1]), t[1:]])
-            v = t[rows]
-        else:
-            v = self.debias(self.table[rows]) * (rows > 0).unsqueeze(-1).to(self.table.dtype)
-        return F.normalize(v, dim=-1) if self.normalize else v
+        return F.normalize(t, dim=-1) if self.normalize else t
+
+    def vectors(self, rows: Tensor, table: Tensor | None = None) -> Tensor:
+        """Item vectors of item rows (any shape) from :meth:`item_table` (``table``: its value,
+        when the caller has it already)."""
+        return F.embedding(rows, self.item_table() if table is None else table)
 
     def item_features(self, v: Tensor) -> Tensor | None:
         """The projected vector (sum / concat modes) for item vectors ``v``."""
@@ -243,14 +247,16 @@ class VisualArch(nn.Module):
 
     def similarity(self, target: Tensor, hist: Tensor, mask: Tensor) -> Tensor:
         """cos(target, each history item): [B, L], 0 at padding."""
-        t, h = F.normalize(target, dim=-1), F.normalize(hist, dim=-1)
+        t, h = (target, hist) if self.normalize else (F.normalize(target, dim=-1), F.normalize(hist, dim=-1))
         return torch.einsum("bd,bld->bl", t, h) * mask.to(t.dtype)
 
     def attention_bias(self, sim: Tensor) -> Tensor | None:
         return None if self.bias_weight is None else self.bias_weight * sim
 
-    def features(self, batch: Batch, target: Tensor, sim: Tensor | None, mask: Tensor | None) -> Tensor | None:
-        """SimTier fractions and the query features: [B, out_dim] (None when empty)."""
+    def features(self, batch: Batch, target: Tensor, sim: Tensor | None, mask: Tensor | None,
+                 table: Tensor | None = None) -> Tensor | None:
+        """SimTier fractions and the query features: [B, out_dim] (None when empty); ``table``:
+        :meth:`item_table`'s value, when the caller has it already."""
         parts = []
         if self.tiers:
             # tier of each history item's similarity in [-1, 1]: tiers equal-width bins
@@ -264,8 +270,9 @@ class VisualArch(nn.Module):
             if q is None:
                 raise KeyError(f"the query feature needs item rows of {self.query!r}: add it to the data "
                                f"settings' item_refs")
-            vq = self.vectors(q)
-            cos = (F.normalize(vq, dim=-1) * F.normalize(target, dim=-1)).sum(-1, keepdim=True)
+            vq = self.vectors(q, table)
+            unit_q, unit_t = (vq, target) if self.normalize else (F.normalize(vq, dim=-1), F.normalize(target, dim=-1))
+            cos = (unit_q * unit_t).sum(-1, keepdim=True)
             parts += [self.query_proj(vq), cos * (q > 0).unsqueeze(-1).to(cos.dtype)]
         return torch.cat(parts, dim=-1) if parts else None
 
