@@ -223,7 +223,20 @@ def finish_run(run_dir: Path, metrics: dict, loggers: list) -> dict:
     for lg in loggers:
         lg.log_metrics({f"final/{k}": v for k, v in flat(metrics).items()})
         lg.finalize("success")
+    end_wandb_run(0)
     return metrics
+
+
+def end_wandb_run(exit_code: int) -> None:
+    """Finish the process's wandb run, if one is open. Lightning's ``WandbLogger.finalize`` leaves
+    it open, and the next ``WandbLogger`` in the same process (the pipeline's next stage, the next
+    job of a Hydra basic-launcher sweep) would log into it ("a wandb run already in progress ...
+    will reuse this run") instead of starting its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -269,6 +282,7 @@ def failure_recorded(cfg: DictConfig):
                 "axes": OmegaConf.to_container(cfg.axes, resolve=True) if cfg.get("axes") else {},
                 "seed": cfg.get("seed"), "experiment": cfg.get("name")}
         atomic_write(run_dir / "failed.json", json.dumps(info, indent=1, default=str))
+        end_wandb_run(1)  # marked failed; the sweep's next job starts its own run
         raise
 
 

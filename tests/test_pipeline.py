@@ -47,3 +47,26 @@ def test_pipeline_chains_reuses_and_resumes(tmp_path, cache_dir, capsys, monkeyp
     assert post2["init_from"]["checkpoint"].startswith(enc["pretrain"]["run_dir"])
     assert "n_shown: 1" in (tmp_path / "out" / r2["encoders"]["posttrain"]["run_dir"].split("/")[-1]
                             / "config.yaml").read_text()
+
+
+def test_pipeline_budget_comes_first_and_yields_to_overrides(monkeypatch, tmp_path):
+    """`make run`'s two epochs per stage go ahead of the caller's overrides, so that an override of
+    the same key wins (Hydra keeps the last value)."""
+    from ctr.runs import compose_config
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(out, cache, emb, encoder_overrides, ctr_overrides, *a, **k):
+        seen.update(enc=encoder_overrides, ctr=ctr_overrides)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "Pipeline", capture)
+    with pytest.raises(Stop):
+        pipeline.main(["--out", str(tmp_path), "--encoders", "trainer.max_epochs=4"])
+    assert seen == {"enc": ["trainer.max_epochs=2", "trainer.max_epochs=4"], "ctr": ["trainer.max_epochs=2"]}
+    cfg = compose_config(pipeline.CONF, ["experiment=sim_din", *seen["enc"]], run_dir=tmp_path, cache_dir=tmp_path,
+                         embeddings_dir=tmp_path)
+    assert cfg.trainer.max_epochs == 4
