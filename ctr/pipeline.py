@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     emb = Path(os.environ.get("CTR_EMBED_DIR", ROOT / ".cache" / "embeddings"))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(out, cache, emb, [*ENCODER_BUDGET, *args.encoders], [*CTR_BUDGET, *args.ctr], args.threads, args.logger,
+    p = Pipeline(out, cache, emb, [*ENCODER_BUDGET, *args.encoders], [*CTR_BUDGET, *args.ctr],
+                 args.threads, args.logger,
                  log=lambda s: print(s, file=sys.stderr, flush=True), posttrain_overrides=args.posttrain)
     t0 = time.perf_counter()
     results = []

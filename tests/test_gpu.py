@@ -31,6 +31,18 @@ def _loss_and_grads(model, batch):
     return logits.detach().cpu(), float(loss.detach()), _grads(model)
 
 
+def _assert_same_step(a, b) -> None:
+    """Two ``_loss_and_grads`` results agree: logits, loss, and every gradient (relative to its
+    largest entry), to float32 reduction-order noise."""
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = a, b
+    assert torch.allclose(logits_a, logits_b, atol=1e-4, rtol=1e-4), (logits_a - logits_b).abs().max()
+    assert abs(loss_a - loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for k in grads_a:
+        scale = float(grads_a[k].abs().max()) + 1e-6
+        assert float((grads_a[k] - grads_b[k]).abs().max()) <= 1e-3 * scale + 1e-6, k
+
+
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
 def test_din_forward_and_backward_on_gpu_equal_the_cpu(cache_dir, pack):
     """Same weights, same batch: the GPU's logits, loss and every gradient equal the CPU's in
@@ -39,15 +51,9 @@ def test_din_forward_and_backward_on_gpu_equal_the_cpu(cache_dir, pack):
 
     model, batch = _tiny_din(cache_dir, [f"model.sequence.pack={str(pack).lower()}"])
     model.train()
-    cpu_logits, cpu_loss, cpu_grads = _loss_and_grads(model, batch)
+    cpu = _loss_and_grads(model, batch)
     model.cuda()
-    gpu_logits, gpu_loss, gpu_grads = _loss_and_grads(model, batch.to("cuda"))
-    assert torch.allclose(cpu_logits, gpu_logits, atol=1e-4, rtol=1e-4), (cpu_logits - gpu_logits).abs().max()
-    assert abs(cpu_loss - gpu_loss) < 1e-5
-    assert cpu_grads.keys() == gpu_grads.keys() and len(cpu_grads) > 10
-    for k in cpu_grads:
-        scale = float(cpu_grads[k].abs().max()) + 1e-6
-        assert float((cpu_grads[k] - gpu_grads[k]).abs().max()) <= 1e-3 * scale + 1e-6, k
+    _assert_same_step(cpu, _loss_and_grads(model, batch.to("cuda")))
 
 
 def test_packed_and_padded_attention_agree_on_gpu(cache_dir):
@@ -87,15 +93,10 @@ def test_compiled_din_equals_eager_on_gpu(cache_dir):
     model, batch = _tiny_din(cache_dir, ["model.sequence.pack=false"])
     model = model.cuda().train()
     batch = batch.to("cuda")
-    eager_logits, eager_loss, eager_grads = _loss_and_grads(model, batch)
+    eager = _loss_and_grads(model, batch)
     torch._dynamo.reset()
     model.compile()
-    logits, loss, grads = _loss_and_grads(model, batch)
-    assert torch.allclose(eager_logits, logits, atol=1e-4, rtol=1e-4)
-    assert abs(eager_loss - loss) < 1e-5
-    for k in eager_grads:
-        scale = float(eager_grads[k].abs().max()) + 1e-6
-        assert float((eager_grads[k] - grads[k]).abs().max()) <= 1e-3 * scale + 1e-6, k
+    _assert_same_step(eager, _loss_and_grads(model, batch))
 
 
 @pytest.mark.parametrize("preset", [

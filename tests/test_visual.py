@@ -2,7 +2,6 @@
 the debiasing network and its pairs, the position tower, low-impression slices."""
 
 import functools
-import json
 
 import numpy as np
 import polars as pl
@@ -13,7 +12,7 @@ from ctr.data.batch import TensorStore
 from ctr.data.contract import ContractError
 from ctr.models import CTRModel, TargetAttention
 from ctr.models.ctr_model import PositionTower
-from ctr.models.visual import VisualArch, build_visual_arch, debias_pairs, load_item_vectors, vocab_item_rows
+from ctr.models.visual import build_visual_arch, debias_pairs, load_item_vectors, vocab_item_rows
 from encoders.export import write_table
 
 

@@ -247,8 +247,12 @@ class VisualArch(nn.Module):
 
     def similarity(self, target: Tensor, hist: Tensor, mask: Tensor) -> Tensor:
         """cos(target, each history item): [B, L], 0 at padding."""
-        t, h = (target, hist) if self.normalize else (F.normalize(target, dim=-1), F.normalize(hist, dim=-1))
+        t, h = self._unit(target), self._unit(hist)
         return torch.einsum("bd,bld->bl", t, h) * mask.to(t.dtype)
+
+    def _unit(self, v: Tensor) -> Tensor:
+        """``v`` scaled to unit length (the looked-up vectors are already, when ``normalize``)."""
+        return v if self.normalize else F.normalize(v, dim=-1)
 
     def attention_bias(self, sim: Tensor) -> Tensor | None:
         return None if self.bias_weight is None else self.bias_weight * sim
@@ -271,8 +275,7 @@ class VisualArch(nn.Module):
                 raise KeyError(f"the query feature needs item rows of {self.query!r}: add it to the data "
                                f"settings' item_refs")
             vq = self.vectors(q, table)
-            unit_q, unit_t = (vq, target) if self.normalize else (F.normalize(vq, dim=-1), F.normalize(target, dim=-1))
-            cos = (unit_q * unit_t).sum(-1, keepdim=True)
+            cos = (self._unit(vq) * self._unit(target)).sum(-1, keepdim=True)
             parts += [self.query_proj(vq), cos * (q > 0).unsqueeze(-1).to(cos.dtype)]
         return torch.cat(parts, dim=-1) if parts else None
 
