@@ -179,6 +179,17 @@ def check_config(cfg: DictConfig) -> None:
     p = Problems(cfg)
     _check_run(p, tuple(OPTIMIZERS))
     p.require("optim.embedding_weight_decay", non_negative_number, "must be a non-negative number", optional=True)
+    plateau = p.get("optim.plateau")
+    if plateau is not None:
+        if not hasattr(plateau, "keys") or set(plateau) - {"factor", "patience", "min_lr"}:
+            p.add("optim.plateau", "must be null or a mapping of factor, patience, min_lr", plateau)
+        else:
+            p.require("optim.plateau.factor", lambda v: _is_number(v) and 0 < v < 1,
+                      "must be a number in (0, 1)", optional=True)
+            p.require("optim.plateau.patience", non_negative_int, "must be a non-negative integer", optional=True)
+            p.require("optim.plateau.min_lr", non_negative_number, "must be a non-negative number", optional=True)
+            if p.get("monitor.metric") is None:
+                p.add("optim.plateau", "needs a monitored metric (monitor.metric is null)", plateau)
     _check_monitor(p, CTRModule.monitor_metrics())
     _check_ctr_data(p)
     _check_ctr_model(p)

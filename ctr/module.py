@@ -35,12 +35,18 @@ class CTRModule(GuardedModule, pl_.LightningModule):
     does, ``"fail"`` (stop, naming the step, batch and tensors) or ``"skip"`` (skip the batch,
     counted in ``nonfinite.skipped``); see :mod:`ctr.guards`. A skipped batch is not counted in
     ``train_samples``. Non-finite weights at the end of fitting always stop the run.
+
+    ``plateau`` (``optim.plateau``): ``{factor, patience, min_lr}`` multiplies every learning rate by
+    ``factor`` after ``patience`` + 1 validations in a row without a better ``monitor`` (the epochs
+    after the best one continue from the current weights at the lower rate, as FuxiCTR's
+    ``reduce_lr_on_plateau`` does); null: a constant rate.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  embedding_weight_decay: float = 0.0, optimizer: str = "adam",
                  eval_splits: tuple[str, ...] = ("test",), slices: dict[str, torch.Tensor] | None = None,
-                 nonfinite: str = "fail"):
+                 nonfinite: str = "fail", plateau: dict | None = None,
+                 monitor: str | None = "val/auc", monitor_mode: str = "max"):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "slices"])
         self.model = model
@@ -180,7 +186,17 @@ class CTRModule(GuardedModule, pl_.LightningModule):
         groups = [g for g in groups if g["params"]]
         if h.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {h.optimizer!r} ({', '.join(OPTIMIZERS)})")
-        return OPTIMIZERS[h.optimizer](groups, lr=h.lr, fused=_fusable(groups))
+        opt = OPTIMIZERS[h.optimizer](groups, lr=h.lr, fused=_fusable(groups))
+        if not h.plateau:
+            return opt
+        if h.monitor is None:
+            raise ValueError("optim.plateau needs a monitored metric (monitor.metric is null)")
+        p = {"factor": 0.1, "patience": 0, "min_lr": 0.0, **h.plateau}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=h.monitor_mode, factor=float(p["factor"]), patience=int(p["patience"]),
+            min_lr=float(p["min_lr"]), threshold=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": h.monitor,
+                                                    "interval": "epoch", "strict": True}}
 
 
 def _fusable(groups: list[dict]) -> bool | None:

@@ -87,7 +87,9 @@ def train(cfg: DictConfig) -> dict:
     compiled = compile_in_place(model, cfg)
     spec = OmegaConf.to_container(cfg.slices, resolve=True) if cfg.get("slices") else {}
     slices, slice_info = item_slices(meta, spec)
-    module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices, **cfg.optim)
+    module = CTRModule(model, eval_splits=tuple(dm.eval_splits), slices=slices,
+                       **OmegaConf.to_container(cfg.optim, resolve=True),  # plain data: checkpoints load safely
+                       monitor=cfg.monitor.get("metric"), monitor_mode=cfg.monitor.mode)
     trainer, ckpt, loggers = build_trainer(cfg, run_dir)
     n_train = dm.n_train
 

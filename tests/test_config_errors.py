@@ -83,6 +83,11 @@ CTR_MISTAKES = [
     (["optim.lr=0"], "optim.lr: must be a positive number (got 0)"),
     (["optim.nonfinite=ignore"], "optim.nonfinite: nonfinite must be one of ('fail', 'skip'), got 'ignore'"),
     (["+slices.low.max_quantile=1.5"], "slices.low.max_quantile: must be a number in [0, 1] (got 1.5)"),
+    (["optim.plateau={factor:1.5}"], "optim.plateau.factor: must be a number in (0, 1) (got 1.5)"),
+    (["optim.plateau={factor:0.1,wait:2}"],
+     "optim.plateau: must be null or a mapping of factor, patience, min_lr (got {'factor': 0.1, 'wait': 2})"),
+    (["optim.plateau={factor:0.1}", "monitor.metric=null"],
+     "optim.plateau: needs a monitored metric (monitor.metric is null) (got {'factor': 0.1})"),
 ]
 
 

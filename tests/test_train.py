@@ -85,3 +85,27 @@ def test_samples_seen_count_every_epoch_and_survive_a_resume(tmp_path, cache_dir
     # the first attempt's CSV log is kept beside the resumed one's
     csv = tmp_path / "run" / "csv"
     assert (csv / "metrics.csv").exists() and (csv / "resume1" / "metrics.csv").exists()
+
+
+def test_plateau_lowers_the_learning_rate_and_its_checkpoints_reload(tmp_path, cache_dir):
+    import torch
+
+    from ctr.module import CTRModule
+
+    # the schedule: a validation without a better monitored value multiplies every rate by factor
+    module = CTRModule(torch.nn.Linear(3, 1), lr=1e-3, plateau={"factor": 0.1, "patience": 0})
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["monitor"] == "val/auc"
+    for auc, lr in [(0.70, 1e-3), (0.71, 1e-3), (0.705, 1e-4), (0.71, 1e-5), (0.72, 1e-5)]:
+        sched.step(auc)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    with pytest.raises(ValueError, match="monitored metric"):
+        CTRModule(torch.nn.Linear(3, 1), plateau={"factor": 0.5}, monitor=None).configure_optimizers()
+    # a real run: its checkpoints (scheduler state, hyperparameters) are plain data and reload
+    cfg = compose_run(["experiment=sim_din", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+                       "optim.plateau={factor:0.5,patience:0}"], tmp_path, cache_dir)
+    m = train(cfg)
+    ckpt = torch.load(m["checkpoint"], weights_only=True)
+    assert ckpt["hyper_parameters"]["plateau"] == {"factor": 0.5, "patience": 0}
+    assert ckpt["lr_schedulers"][0]["factor"] == 0.5
