@@ -144,7 +144,7 @@ def _visual_info(model) -> dict | None:
     if v is None:
         return None
     return {**getattr(v, "source", {}), "mode": v.mode, "debias": bool(v.debias is not None),
-            "debias_pairs": v.pair_stats or None}
+            "debias_pairs": v.pair_stats or None, "similarity": v.sim_stats}
 
 
 def format_table(metrics: dict) -> str:

@@ -12,7 +12,8 @@ from ctr.data.batch import TensorStore
 from ctr.data.contract import ContractError
 from ctr.models import CTRModel, TargetAttention
 from ctr.models.ctr_model import PositionTower
-from ctr.models.visual import build_visual_arch, debias_pairs, load_item_vectors, vocab_item_rows
+from ctr.models.visual import (build_visual_arch, debias_pairs, load_item_vectors, pair_cosine_stats,
+                               vocab_item_rows)
 from encoders.export import write_table
 
 
@@ -111,9 +112,12 @@ def test_attention_bias_adds_to_the_scores():
     assert torch.allclose(att.scores(q, k, mask, bias), (att.scores(q, k, mask) + bias) * mask)
 
 
-def test_simtier_and_query_features(tiny_sim, sim_table):
-    model = _model(tiny_sim, sim_table, tiers=5, query="query_item_id")
+@pytest.mark.parametrize("standardize", [False, True])
+def test_simtier_and_query_features(tiny_sim, sim_table, standardize):
+    model = _model(tiny_sim, sim_table, tiers=5, query="query_item_id", standardize=standardize)
     vis = model.visual
+    mu, sd = (vis.sim_stats["mean"], vis.sim_stats["std"]) if standardize else (0.0, 1.0)
+    lo, hi = (-3, 3) if standardize else (-1, 1)  # the tiers' range, in the model's scale
     b = _batch(tiny_sim, "test", 128)
     v_t = vis.vectors(b.refs["item_id"])
     v_h = vis.vectors(b.refs["hist.item_id"])
@@ -126,13 +130,66 @@ def test_simtier_and_query_features(tiny_sim, sim_table):
     assert torch.allclose(tiers[has].sum(1), torch.ones(int(has.sum())))
     assert torch.all(tiers[~has] == 0)
     # a row's tiers count its history items' similarities, brute force
-    i = int(torch.nonzero(has)[0])
-    s = [float(v_t[i] @ v_h[i, j]) for j in range(int(b.seq_len[i]))]
-    counts = np.histogram(s, bins=5, range=(-1, 1))[0] / len(s)
-    assert np.allclose(tiers[i].numpy(), counts, atol=1e-6)
-    # the query's cosine to the candidate
+    for i in torch.nonzero(has)[:5, 0].tolist():
+        s = [(float(v_t[i] @ v_h[i, j]) - mu) / sd for j in range(int(b.seq_len[i]))]
+        counts = np.histogram(np.clip(s, lo, hi), bins=5, range=(lo, hi))[0] / len(s)
+        assert np.allclose(tiers[i].numpy(), counts, atol=1e-6)
+    # the query's cosine to the candidate, on the same scale
     vq = vis.vectors(b.refs["query_item_id"])
-    assert torch.allclose(f[:, -1], (vq * v_t).sum(-1), atol=1e-5)
+    assert torch.allclose(f[:, -1], ((vq * v_t).sum(-1) - mu) / sd, atol=1e-4)
+    # and the attention bias
+    assert torch.allclose(vis.attention_bias(sim), (sim - mu) / sd, atol=1e-5)
+
+
+def test_pair_cosine_stats_are_those_of_every_pair():
+    torch.manual_seed(0)
+    v = torch.cat([torch.zeros(1, 16), torch.randn(300, 16) + 0.5])
+    v[7] *= 40  # lengths do not matter: cosines
+    u = torch.nn.functional.normalize(v[1:].double(), dim=-1)
+    c = (u @ u.T)[~torch.eye(300, dtype=torch.bool)]
+    mu, sd = pair_cosine_stats(v)
+    assert float(mu) == pytest.approx(float(c.mean()), abs=1e-9)
+    assert float(sd) == pytest.approx(float(c.std(unbiased=False)), abs=1e-9)
+    assert float(mu) > 0.1  # the common offset shows
+    with pytest.raises(ValueError, match="at least 2 items"):
+        pair_cosine_stats(v[:2])
+
+
+def test_standardisation_follows_the_debiased_table(tiny_sim, sim_table):
+    model = _model(tiny_sim, sim_table, debias={"hidden": [16], "scope": "all"})
+    vis = model.visual
+    assert vis.sim_stats["follows_debias"]
+    frozen = pair_cosine_stats(vis.table)
+    assert [float(x) for x in vis.scale()] == pytest.approx([float(x) for x in frozen], abs=1e-5)  # starts at the identity
+    with torch.no_grad():  # the network moves the vectors: the scale moves with them
+        vis.debias.mlp.net[-1].bias.normal_(0, 0.2)
+        t = vis.item_table()
+    mu, sd = vis.scale(t)
+    assert float(mu) == pytest.approx(float(pair_cosine_stats(t)[0]), abs=1e-5)
+    assert abs(float(mu) - float(frozen[0])) > 0.01
+    sim = torch.rand(4, 6) * 2 - 1
+    assert torch.allclose(vis.attention_bias(sim, t), (sim - mu) / sd, atol=1e-5)
+    assert vis.similarity_table(t) is t  # scope all: the similarities read the adjusted vectors
+
+
+def test_debias_scope_features_leaves_the_similarities_to_the_encoder(tiny_sim, sim_table):
+    model = _model(tiny_sim, sim_table, tiers=4, query="query_item_id", debias={"hidden": [16]})
+    vis = model.visual
+    b = _batch(tiny_sim, "test", 64)
+    before = model.features(b).detach()
+    with torch.no_grad():  # the network moves the vectors
+        vis.debias.mlp.net[-1].bias.normal_(0, 0.2)
+        t = vis.item_table()
+    after = model.features(b).detach()
+    assert not torch.allclose(vis.vectors(b.refs["item_id"], t), vis.sim_vectors[b.refs["item_id"]])
+    # the similarity features (tiers, the query's cosine: the last column) did not move...
+    n = vis.out_dim
+    assert torch.equal(after[:, -n:-n + 4], before[:, -n:-n + 4]) and torch.equal(after[:, -1], before[:, -1])
+    # ...the query's projected vector (from the adjusted vectors) did
+    assert not torch.allclose(after[:, -n + 4:-1], before[:, -n + 4:-1])
+    assert [float(x) for x in vis.scale(t)] == [vis.sim_stats["mean"], vis.sim_stats["std"]]
+    with pytest.raises(ValueError, match="scope"):
+        _model(tiny_sim, sim_table, debias={"scope": "both"})
 
 
 def test_debias_pairs_follow_the_rule():
