@@ -232,8 +232,6 @@ def end_wandb_run(exit_code: int) -> None:
     it open, and the next ``WandbLogger`` in the same process (the pipeline's next stage, the next
     job of a Hydra basic-launcher sweep) would log into it ("a wandb run already in progress ...
     will reuse this run") instead of starting its own."""
-    import sys
-
     wandb = sys.modules.get("wandb")  # never imported: no run to end
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)

@@ -160,16 +160,17 @@ def test_standardisation_follows_the_debiased_table(tiny_sim, sim_table):
     vis = model.visual
     assert vis.sim_stats["follows_debias"]
     frozen = pair_cosine_stats(vis.table)
-    assert [float(x) for x in vis.scale()] == pytest.approx([float(x) for x in frozen], abs=1e-5)  # starts at the identity
+    tabs = vis.tables()
+    assert [float(tabs.mu), float(tabs.sigma)] == pytest.approx([float(x) for x in frozen], abs=1e-5)  # starts at the identity
     with torch.no_grad():  # the network moves the vectors: the scale moves with them
         vis.debias.mlp.net[-1].bias.normal_(0, 0.2)
-        t = vis.item_table()
-    mu, sd = vis.scale(t)
+        tabs = vis.tables()
+    t, mu, sd = tabs.items, tabs.mu, tabs.sigma
     assert float(mu) == pytest.approx(float(pair_cosine_stats(t)[0]), abs=1e-5)
     assert abs(float(mu) - float(frozen[0])) > 0.01
     sim = torch.rand(4, 6) * 2 - 1
-    assert torch.allclose(vis.attention_bias(sim, t), (sim - mu) / sd, atol=1e-5)
-    assert vis.similarity_table(t) is t  # scope all: the similarities read the adjusted vectors
+    assert torch.allclose(vis.attention_bias(sim, tabs), (sim - mu) / sd, atol=1e-5)
+    assert tabs.sims is tabs.items  # scope all: the similarities read the adjusted vectors
 
 
 def test_debias_scope_features_leaves_the_similarities_to_the_encoder(tiny_sim, sim_table):
@@ -187,7 +188,8 @@ def test_debias_scope_features_leaves_the_similarities_to_the_encoder(tiny_sim, 
     assert torch.equal(after[:, -n:-n + 4], before[:, -n:-n + 4]) and torch.equal(after[:, -1], before[:, -1])
     # ...the query's projected vector (from the adjusted vectors) did
     assert not torch.allclose(after[:, -n + 4:-1], before[:, -n + 4:-1])
-    assert [float(x) for x in vis.scale(t)] == [vis.sim_stats["mean"], vis.sim_stats["std"]]
+    tabs = vis.tables()
+    assert [float(tabs.mu), float(tabs.sigma)] == [vis.sim_stats["mean"], vis.sim_stats["std"]]
     with pytest.raises(ValueError, match="scope"):
         _model(tiny_sim, sim_table, debias={"scope": "both"})
 

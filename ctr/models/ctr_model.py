@@ -124,10 +124,9 @@ class CTRModel(nn.Module):
             ids.update({f"hist.{n}": batch.seq[n] for n in self.seq_names})
         emb = self.embedding.lookup(ids)  # one call for every table (one KJT with torchrec)
         if vis is not None:
-            vt = vis.item_table()  # once per forward, then looked up
-            st = vis.similarity_table(vt)  # vt itself, unless the similarities skip the debiasing network
-            v_t = vis.vectors(batch.refs["item_id"], vt)
-            s_t = v_t if st is vt else vis.vectors(batch.refs["item_id"], st)
+            tabs = vis.tables()  # once per forward, then looked up
+            v_t = vis.vectors(batch.refs["item_id"], tabs.items)
+            s_t = v_t if tabs.sims is tabs.items else vis.vectors(batch.refs["item_id"], tabs.sims)
             emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
         parts = [emb[n] for n in self.sparse_names]
         sim = mask = None
@@ -140,12 +139,12 @@ class CTRModel(nn.Module):
                 hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
                 bias = None
                 if vis is not None:
-                    v_h = vis.vectors(batch.refs["hist.item_id"], vt)
+                    v_h = vis.vectors(batch.refs["hist.item_id"], tabs.items)
                     if "item_id" in hk:
                         hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
-                    s_h = v_h if st is vt else vis.vectors(batch.refs["hist.item_id"], st)
+                    s_h = v_h if tabs.sims is tabs.items else vis.vectors(batch.refs["hist.item_id"], tabs.sims)
                     sim = vis.similarity(s_t, s_h, mask)
-                    bias = vis.attention_bias(sim, st)
+                    bias = vis.attention_bias(sim, tabs)
                 keys = torch.cat([hk[n] for n in self.seq_names], dim=-1)
                 parts.append(self.sequence(query, keys, mask) if bias is None
                              else self.sequence(query, keys, mask, bias=bias))
@@ -153,7 +152,7 @@ class CTRModel(nn.Module):
                 n = batch.seq_len.to(query.dtype).clamp_min(0)
                 parts.append((torch.log1p(n) / math.log1p(self.max_len)).unsqueeze(-1))
         if vis is not None:
-            f = vis.features(batch, v_t, sim, mask, vt, s_t, st)
+            f = vis.features(batch, v_t, sim, mask, tabs, s_t)
             if f is not None:
                 parts.append(f)
         x = self.embedding_dropout(torch.cat(parts, dim=-1))

@@ -16,9 +16,10 @@ The CTR stage never runs an image tower: it reads the ``item_id -> embedding`` t
 * similarity standardisation (``standardize``, on by default): every cosine above enters the model as
   ``(cos - mu) / sigma``, with ``mu``, ``sigma`` the mean and standard deviation of the cosine over
   every pair of distinct items of the frozen table (:func:`pair_cosine_stats`). Encoders spread their
-  cosines very differently (a click-post-trained table here: 0.65 +- 0.11 within a category, the
-  pretrained one 0.28 +- 0.23), and a raw cosine fed to the MLP, the attention scores and fixed
-  tiers carries that scale: standardised, the CTR model sees each table's similarities on one scale.
+  cosines very differently (over all item pairs, a click-post-trained table here: 0.37 +- 0.15, the
+  pretrained one 0.01 +- 0.23; ``metrics.json``'s ``visual.similarity``), and a raw cosine fed to the
+  MLP, the attention scores and fixed tiers carries that scale: standardised, the CTR model sees
+  each table's similarities on one scale.
   When the debiasing network adjusts the vectors the similarities read (its scope ``all``), the
   statistics are those of the adjusted table, recomputed each forward (exact, O(N D^2));
 * a **debiasing network** (:class:`Debias`): a residual MLP that adjusts the vectors inside the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -47,6 +49,18 @@ from ctr.models.parts import MLP
 
 MODES = ("init", "sum", "concat", "none")
 DEBIAS_SCOPES = ("features", "all")  # what the debiasing network adjusts: the item features, or also the similarities
+
+
+class Tables(NamedTuple):
+    """What one forward reads (:meth:`VisualArch.tables`, computed once): ``items`` [N + 1, D], the
+    vectors of the item features; ``sims``, those the similarities read (``items`` itself unless
+    the debiasing network leaves the similarities to the encoder); ``mu``, ``sigma``: the
+    standardisation of their cosines."""
+
+    items: Tensor
+    sims: Tensor
+    mu: Tensor | float
+    sigma: Tensor | float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +245,9 @@ class VisualArch(nn.Module):
         self.bias_weight = nn.Parameter(torch.tensor(1.0)) if attention_bias else None
         self.tiers = int(tiers)
         # (cos - mu) / sigma with the frozen table's pair statistics (identity when off)
+        self.standardize = bool(standardize)
         mu, sd = (float(x) for x in pair_cosine_stats(vectors)) if standardize else (0.0, 1.0)
-        self.sim_stats = {"mean": mu, "std": sd, "standardized": bool(standardize)}
+        self.sim_stats = {"mean": mu, "std": sd, "standardized": self.standardize}
         self.query = query
         self.query_proj = nn.Linear(d, embedding_dim) if query else None
         self.debias = None
@@ -253,10 +268,9 @@ class VisualArch(nn.Module):
             if scope == "features":  # the similarities read the encoder's own (unit) vectors
                 self.register_buffer("sim_vectors", F.normalize(vectors.float(), dim=-1) if normalize
                                      else vectors.float(), persistent=False)
-            # with scope "all" the debiasing network moves the vectors the similarities read (on the
-            # default simulator the mean pair cosine of the post-trained table went from 0.37 to
-            # 0.02): the statistics follow the adjusted table, recomputed (no gradient) each forward
-            self.sim_stats["follows_debias"] = bool(standardize) and scope == "all"
+            # with scope "all" the debiasing network moves the vectors the similarities read: the
+            # statistics follow the adjusted table, recomputed (no gradient) in each forward
+            self.sim_stats["follows_debias"] = self.standardize and scope == "all"
 
     # the width each part adds ------------------------------------------------------------------
     @property
@@ -281,13 +295,16 @@ class VisualArch(nn.Module):
             t = torch.cat([torch.zeros_like(t[:1]), t[1:]])
         return F.normalize(t, dim=-1) if self.normalize else t
 
-    def similarity_table(self, table: Tensor | None = None) -> Tensor:
-        """[N + 1, D]: the vectors the similarities read (attention bias, SimTier, the query's
-        cosine): :meth:`item_table` (``table``: its value), except with the debiasing network at
-        scope ``features``, where they are the encoder's own vectors."""
-        if self.debias is not None and self.debias_cfg["scope"] == "features":
-            return self.sim_vectors
-        return self.item_table() if table is None else table
+    def tables(self) -> Tables:
+        """The forward's tables and similarity scale, computed once (:class:`Tables`)."""
+        items = self.item_table()
+        sims = self.sim_vectors if hasattr(self, "sim_vectors") else items
+        if self.sim_stats.get("follows_debias"):
+            with torch.no_grad():
+                mu, sd = (x.float() for x in pair_cosine_stats(sims))
+        else:  # the frozen table's statistics (0 and 1 when not standardised)
+            mu, sd = self.sim_stats["mean"], self.sim_stats["std"]
+        return Tables(items, sims, mu, sd)
 
     def vectors(self, rows: Tensor, table: Tensor | None = None) -> Tensor:
         """Item vectors of item rows (any shape) from :meth:`item_table` (``table``: its value,
@@ -307,46 +324,31 @@ class VisualArch(nn.Module):
         """``v`` scaled to unit length (the looked-up vectors are already, when ``normalize``)."""
         return v if self.normalize else F.normalize(v, dim=-1)
 
-    def scale(self, table: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
-        """(mu, sigma) of the standardisation: the frozen table's, or with the debiasing network at
-        scope ``all`` those of the adjusted ``table`` (:meth:`item_table`'s value; computed when
-        not given)."""
-        if not self.sim_stats["standardized"]:
-            return 0.0, 1.0
-        if not self.sim_stats.get("follows_debias"):
-            return self.sim_stats["mean"], self.sim_stats["std"]
-        with torch.no_grad():
-            mu, sd = pair_cosine_stats(self.item_table() if table is None else table)
-            return mu.float(), sd.float()
-
-    def scaled(self, cos: Tensor, table: Tensor | None = None) -> Tensor:
+    def scaled(self, cos: Tensor, tables: Tables) -> Tensor:
         """A cosine on the model's scale: ``(cos - mu) / sigma`` when ``standardize``, else as is."""
-        if not self.sim_stats["standardized"]:
-            return cos
-        mu, sd = self.scale(table)
-        return (cos - mu) / sd
+        return (cos - tables.mu) / tables.sigma if self.standardize else cos
 
-    def attention_bias(self, sim: Tensor, table: Tensor | None = None) -> Tensor | None:
+    def attention_bias(self, sim: Tensor, tables: Tables | None = None) -> Tensor | None:
         """The learned weight times the (scaled) similarity; padding (``sim`` 0) is masked later.
-        ``table``: :meth:`item_table`'s value, when the caller has it already."""
-        return None if self.bias_weight is None else self.bias_weight * self.scaled(sim, table)
+        ``tables``: :meth:`tables`' value, when the caller has it already."""
+        if self.bias_weight is None:
+            return None
+        return self.bias_weight * self.scaled(sim, self.tables() if tables is None else tables)
 
     def features(self, batch: Batch, target: Tensor, sim: Tensor | None, mask: Tensor | None,
-                 table: Tensor | None = None, sim_target: Tensor | None = None,
-                 sim_table: Tensor | None = None) -> Tensor | None:
-        """SimTier fractions and the query features: [B, out_dim] (None when empty). ``table``:
-        :meth:`item_table`'s value, ``sim_table``: :meth:`similarity_table`'s, ``sim_target``: the
-        target's vectors from it, when the caller has them already."""
-        if sim_table is None:
-            sim_table = self.similarity_table(table)
+                 tables: Tables | None = None, sim_target: Tensor | None = None) -> Tensor | None:
+        """SimTier fractions and the query features: [B, out_dim] (None when empty). ``target``: the
+        target's vectors from ``tables.items``, ``sim_target`` from ``tables.sims`` (``tables``:
+        :meth:`tables`' value), when the caller has them already."""
+        t = self.tables() if tables is None else tables
         if sim_target is None:
-            sim_target = target if sim_table is table else self.vectors(batch.refs["item_id"], sim_table)
+            sim_target = target if t.sims is t.items else self.vectors(batch.refs["item_id"], t.sims)
         parts = []
         if self.tiers:
             # tier of each history item's similarity: equal-width bins over [-1, 1] (raw cosine) or
             # over mu +- 3 sigma (standardised: z in [-3, 3])
-            if self.sim_stats["standardized"]:
-                x = (self.scaled(sim, sim_table).clamp(-3, 3) + 3) / 6
+            if self.standardize:
+                x = (self.scaled(sim, t).clamp(-3, 3) + 3) / 6
             else:
                 x = (sim.clamp(-1, 1) + 1) / 2
             tier = (x * self.tiers).long().clamp(max=self.tiers - 1)
@@ -359,10 +361,10 @@ class VisualArch(nn.Module):
             if q is None:
                 raise KeyError(f"the query feature needs item rows of {self.query!r}: add it to the data "
                                f"settings' item_refs")
-            vq = self.vectors(q, table)
-            sq = vq if sim_table is table else self.vectors(q, sim_table)
+            vq = self.vectors(q, t.items)
+            sq = vq if t.sims is t.items else self.vectors(q, t.sims)
             cos = (self._unit(sq) * self._unit(sim_target)).sum(-1, keepdim=True)
-            parts += [self.query_proj(vq), self.scaled(cos, sim_table) * (q > 0).unsqueeze(-1).to(cos.dtype)]
+            parts += [self.query_proj(vq), self.scaled(cos, t) * (q > 0).unsqueeze(-1).to(cos.dtype)]
         return torch.cat(parts, dim=-1) if parts else None
 
     # debiasing loss ----------------------------------------------------------------------------
