@@ -15,7 +15,8 @@ of two rounds each. Stages: ``ctr`` (the ``ml100k_din`` preset, batch 1024), ``e
 views, batch 64, at 64 and 128 px), and ``decode`` (images/s of decoding H&M JPEGs with PIL
 against reading this project's decoded uint8 cache, and what that does to the training rate).
 FLOPs per sample come from torch's FlopCounterMode (matrix products and convolutions; a training
-step is counted as 3x the forward), against the machine's measured fp32 peak (the higher of BLAS matmul and oneDNN).
+step is counted as 3x the forward), against the machine's measured fp32 peak (the higher of a BLAS
+matmul and a oneDNN 1x1 convolution).
 Needs CTR_DATA_DIR for ``ctr`` and ``decode``.
 """
 

@@ -126,7 +126,7 @@ class CTRModel(nn.Module):
         if vis is not None:
             tabs = vis.tables()  # once per forward, then looked up
             v_t = vis.vectors(batch.refs["item_id"], tabs.items)
-            s_t = v_t if tabs.sims is tabs.items else vis.vectors(batch.refs["item_id"], tabs.sims)
+            s_t = vis.sim_vectors_of(batch.refs["item_id"], tabs, v_t)
             emb["item_id"] = self._item(emb["item_id"], vis.item_features(v_t))
         parts = [emb[n] for n in self.sparse_names]
         sim = mask = None
@@ -142,7 +142,7 @@ class CTRModel(nn.Module):
                     v_h = vis.vectors(batch.refs["hist.item_id"], tabs.items)
                     if "item_id" in hk:
                         hk["item_id"] = self._item(hk["item_id"], vis.item_features(v_h))
-                    s_h = v_h if tabs.sims is tabs.items else vis.vectors(batch.refs["hist.item_id"], tabs.sims)
+                    s_h = vis.sim_vectors_of(batch.refs["hist.item_id"], tabs, v_h)
                     sim = vis.similarity(s_t, s_h, mask)
                     bias = vis.attention_bias(sim, tabs)
                 keys = torch.cat([hk[n] for n in self.seq_names], dim=-1)

@@ -306,6 +306,13 @@ class VisualArch(nn.Module):
             mu, sd = self.sim_stats["mean"], self.sim_stats["std"]
         return Tables(items, sims, mu, sd)
 
+    def sim_vectors_of(self, rows: Tensor, tables: Tables, looked_up: Tensor | None = None) -> Tensor:
+        """Vectors of item rows from ``tables.sims``, the ones the similarities read; ``looked_up``:
+        the rows' vectors from ``tables.items``, reused when the two tables are one."""
+        if looked_up is not None and tables.sims is tables.items:
+            return looked_up
+        return self.vectors(rows, tables.sims)
+
     def vectors(self, rows: Tensor, table: Tensor | None = None) -> Tensor:
         """Item vectors of item rows (any shape) from :meth:`item_table` (``table``: its value,
         when the caller has it already)."""
@@ -342,7 +349,7 @@ class VisualArch(nn.Module):
         :meth:`tables`' value), when the caller has them already."""
         t = self.tables() if tables is None else tables
         if sim_target is None:
-            sim_target = target if t.sims is t.items else self.vectors(batch.refs["item_id"], t.sims)
+            sim_target = self.sim_vectors_of(batch.refs["item_id"], t, target)
         parts = []
         if self.tiers:
             # tier of each history item's similarity: equal-width bins over [-1, 1] (raw cosine) or
@@ -362,7 +369,7 @@ class VisualArch(nn.Module):
                 raise KeyError(f"the query feature needs item rows of {self.query!r}: add it to the data "
                                f"settings' item_refs")
             vq = self.vectors(q, t.items)
-            sq = vq if t.sims is t.items else self.vectors(q, t.sims)
+            sq = self.sim_vectors_of(q, t, vq)
             cos = (self._unit(sq) * self._unit(sim_target)).sum(-1, keepdim=True)
             parts += [self.query_proj(vq), self.scaled(cos, t) * (q > 0).unsqueeze(-1).to(cos.dtype)]
         return torch.cat(parts, dim=-1) if parts else None
