@@ -52,6 +52,77 @@ def test_packed_attention_equals_the_padded_grid(normalize):
         torch.testing.assert_close(a, b)
 
 
+def _history_tables(dtype=torch.float64):
+    """Three sequence features (widths 4, 3, 2) over a [5, 7] history grid with 19 real items, one
+    per branch of :meth:`TargetAttention.forward_tables`: 40 rows (more than the packed rows: keys
+    gathered, key term and pooling as products), 10 rows (key term as a table, pooling by
+    gather), 3 rows shared by target and history (a table of pairs, pooling by histogram)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(7)[None] < torch.tensor([0, 1, 6, 7, 5])[:, None]
+    tables = {}
+    for name, v, d in (("item", 40, 4), ("brand", 10, 3), ("genre", 3, 2)):
+        tables[name] = torch.randn(v, d, generator=g, dtype=dtype).requires_grad_()
+    tables["query_item"] = torch.randn(40, 4, generator=g, dtype=dtype).requires_grad_()
+    tables["query_brand"] = torch.randn(12, 3, generator=g, dtype=dtype).requires_grad_()
+    seq = {n: torch.randint(1, tables[n].shape[0], (5, 7), generator=g) for n in ("item", "brand", "genre")}
+    target = {n: torch.randint(1, tables[n].shape[0], (5,), generator=g) for n in ("item", "brand", "genre")}
+    return tables, seq, target, mask
+
+
+@pytest.mark.parametrize("normalize", ["none", "softmax"])
+def test_table_space_attention_equals_packed(normalize):
+    """forward_tables (the first layer in table space, pairs and histograms for small tables) is
+    forward_packed's function with its gradients, on every branch, Dice's batch statistics included."""
+    from ctr.models.parts import HistoryTable
+
+    torch.manual_seed(0)
+    packed = TargetAttention(9, [16, 4], act="dice", normalize=normalize).double().train()
+    tabled = TargetAttention(9, [16, 4], act="dice", normalize=normalize).double().train()
+    tabled.load_state_dict(packed.state_dict())
+    assert tabled.takes_tables and not TargetAttention(9, pack=False).takes_tables
+    tables, seq, target, mask = _history_tables()
+    qt = {"item": tables["query_item"], "brand": tables["query_brand"], "genre": tables["genre"]}
+    names = ["item", "brand", "genre"]
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    assert len(pos) == 19
+    keys = torch.cat([tables[n][seq[n].reshape(-1)[pos]] for n in names], 1)
+    ref = packed.forward_packed(torch.cat([qt[n][target[n]] for n in names], 1), keys, pos, (5, 7))
+    feats = [HistoryTable(tables[n], seq[n].reshape(-1)[pos], qt[n], target[n]) for n in names]
+    query = torch.cat([qt[n][target[n]] for n in names], 1)
+    out = tabled.forward_tables(query, feats, pos, (5, 7))
+    tol = dict(rtol=1e-5, atol=1e-6)  # the unit's raw scores are float32 in both (one rounding of h apart)
+    torch.testing.assert_close(out, ref, **tol)
+    assert out[0].abs().sum() == 0  # the empty history pools to zero
+    leaves = [*tables.values(), *packed.parameters()]
+    g_ref = torch.autograd.grad(ref.square().sum(), leaves, allow_unused=True)
+    leaves = [*tables.values(), *tabled.parameters()]
+    g_out = torch.autograd.grad(out.square().sum(), leaves, allow_unused=True)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(tabled.first_act.running_mean, packed.first_act.running_mean)
+    with pytest.raises(ValueError, match="widths"):
+        tabled.forward_tables(query, feats[:2], pos, (5, 7))
+
+
+def test_table_space_attention_under_bf16_is_close():
+    from ctr.models.parts import HistoryTable
+
+    torch.manual_seed(0)
+    ref = TargetAttention(9, [16, 4], act="dice", normalize="softmax")
+    bf = TargetAttention(9, [16, 4], act="dice", normalize="softmax", unit_precision="bf16")
+    bf.load_state_dict(ref.state_dict())
+    tables, seq, target, mask = _history_tables(torch.float32)
+    qt = {"item": tables["query_item"], "brand": tables["query_brand"], "genre": tables["genre"]}
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    feats = [HistoryTable(tables[n], seq[n].reshape(-1)[pos], qt[n], target[n]) for n in ("item", "brand", "genre")]
+    query = torch.cat([qt[n][target[n]] for n in ("item", "brand", "genre")], 1)
+    a, b = ref.forward_tables(query, feats, pos, (5, 7)), bf.forward_tables(query, feats, pos, (5, 7))
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
+    b.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in tables.values())
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_bf16_attention_unit_is_close_and_keeps_float32_weights(pack):
     torch.manual_seed(0)
@@ -93,16 +164,18 @@ def test_packed_ctr_model_equals_padded(tiny_sim):
     batch = TensorStore(tiny_sim.split_dir("train"))[torch.arange(64)]
     assert (batch.seq_len < batch.seq["item_id"].shape[1]).any()  # some padding to skip
     models = []
-    for pack in (True, False):
+    for pack, tables in ((False, False), (True, False), (True, True)):  # padded, packed, table space
         torch.manual_seed(0)
-        seq = functools.partial(TargetAttention, hidden=[16, 8], act="relu", pack=pack)
+        seq = functools.partial(TargetAttention, hidden=[16, 8], act="relu", pack=pack, tables=tables)
         models.append(CTRModel(tiny_sim.meta, embedding_dim=8, sequence=seq, over_hidden=[16]))
-    a, b = models
-    torch.testing.assert_close(a(batch), b(batch))
-    a(batch).sum().backward()
-    b(batch).sum().backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+    assert [m._tables for m in models] == [False, False, True]
+    ref = models[0]
+    ref(batch).sum().backward()
+    for m in models[1:]:
+        torch.testing.assert_close(m(batch), ref(batch))
+        m(batch).sum().backward()
+        for (name, pa), pb in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, msg=name)
 
 
 def test_softmax_attention_ignores_padding():

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ctr.data.batch import Batch
-from ctr.models.embedding import make_embedding
-from ctr.models.parts import MLP, sequence_mask
+from ctr.models.embedding import FeatureEmbedding, make_embedding
+from ctr.models.parts import MLP, HistoryTable, sequence_mask
 
 
 class CTRModel(nn.Module):
@@ -83,6 +83,9 @@ class CTRModel(nn.Module):
         vx = self.visual.item_extra_dim if self.visual is not None else 0
         seq_dim = embedding_dim * len(self.seq_names) + (vx if "item_id" in self.seq_names else 0)
         self.sequence = sequence(seq_dim) if self.seq_names else None
+        # the packed history handed over as table rows and ids (plain tables: dense weights)
+        self._tables = (self.sequence is not None and getattr(self.sequence, "takes_tables", False)
+                        and isinstance(self.embedding, FeatureEmbedding))
         n_dense = len(meta.get("dense") or [])
         self.length_feature = length_feature and self.sequence is not None
         self.max_len = meta["sequence"]["max_len"] if self.sequence is not None else 1
@@ -134,7 +137,7 @@ class CTRModel(nn.Module):
             query = torch.cat([emb[n] for n in self.seq_names], dim=-1)
             mask = sequence_mask(batch.seq_len, batch.seq[self.seq_names[0]].shape[1])
             if packed:
-                parts.append(self._pool_packed(batch, query, mask))
+                parts.append(self._pool_packed(batch, query, mask, ids))
             else:
                 hk = {n: emb.pop(f"hist.{n}") for n in self.seq_names}
                 bias = None
@@ -158,12 +161,18 @@ class CTRModel(nn.Module):
         x = self.embedding_dropout(torch.cat(parts, dim=-1))
         return x if batch.dense is None else torch.cat([x, batch.dense], dim=-1)
 
-    def _pool_packed(self, batch: Batch, query: Tensor, mask: Tensor) -> Tensor:
+    def _pool_packed(self, batch: Batch, query: Tensor, mask: Tensor, target_ids: dict[str, Tensor]) -> Tensor:
         """The pooled history [B, D] from the real history items only: they are embedded ([M, D],
-        M the sum of the lengths) and handed to the sequence arch's ``forward_packed``."""
+        M the sum of the lengths) and handed to the sequence arch's ``forward_packed``; or, when the
+        arch takes tables and the tables are plain tensors, their ids and tables are handed to its
+        ``forward_tables``. ``target_ids`` are the ids the query was looked up with."""
         pos = mask.reshape(-1).nonzero().squeeze(1)
-        hk = self.embedding.lookup({f"hist.{n}": batch.seq[n].reshape(-1).index_select(0, pos)
-                                    for n in self.seq_names})
+        ids = {n: batch.seq[n].reshape(-1).index_select(0, pos) for n in self.seq_names}
+        if self._tables:  # the unit reads the tables themselves (table space where they are small)
+            feats = [HistoryTable(self.embedding.weight(f"hist.{n}"), ids[n], self.embedding.weight(n),
+                                  target_ids[n]) for n in self.seq_names]
+            return self.sequence.forward_tables(query, feats, pos, tuple(mask.shape))
+        hk = self.embedding.lookup({f"hist.{n}": i for n, i in ids.items()})
         keys = torch.cat([hk[f"hist.{n}"] for n in self.seq_names], dim=-1)
         return self.sequence.forward_packed(query, keys, pos, tuple(mask.shape))
 
