@@ -8,6 +8,7 @@ from torch import nn
 
 from ctr.data.batch import Batch, TensorStore
 from ctr.models import CTRModel, Dice, MeanPooling, TargetAttention
+from ctr.models.parts import HistoryTable
 
 
 def reference_din_scores(att: TargetAttention, q, k, mask):
@@ -73,8 +74,6 @@ def _history_tables(dtype=torch.float64):
 def test_table_space_attention_equals_packed(normalize):
     """forward_tables (the first layer in table space, pairs and histograms for small tables) is
     forward_packed's function with its gradients, on every branch, Dice's batch statistics included."""
-    from ctr.models.parts import HistoryTable
-
     torch.manual_seed(0)
     packed = TargetAttention(9, [16, 4], act="dice", normalize=normalize).double().train()
     tabled = TargetAttention(9, [16, 4], act="dice", normalize=normalize).double().train()
@@ -108,8 +107,6 @@ def test_table_space_attention_equals_packed(normalize):
 def test_table_space_attention_on_empty_and_single_item_histories(lengths):
     """No history item in the batch (M = 0) pools to zeros; one item (Dice's single-row branch)
     equals the packed path; both have gradients."""
-    from ctr.models.parts import HistoryTable
-
     torch.manual_seed(0)
     att = TargetAttention(6, [8, 4], act="dice", normalize="softmax").train()
     items, genres = torch.randn(10, 4, requires_grad=True), torch.randn(3, 2, requires_grad=True)
@@ -128,8 +125,6 @@ def test_table_space_attention_on_empty_and_single_item_histories(lengths):
 
 
 def test_table_space_attention_under_bf16_is_close():
-    from ctr.models.parts import HistoryTable
-
     torch.manual_seed(0)
     ref = TargetAttention(9, [16, 4], act="dice", normalize="softmax")
     bf = TargetAttention(9, [16, 4], act="dice", normalize="softmax", unit_precision="bf16")

@@ -125,7 +125,8 @@ class TargetAttention(nn.Module):
     ``Wp·(q*k)``, as one table of pairs; and such a small table's pooled vector is a per-row
     histogram of the attention weights times the table, so its rows are never gathered. The same
     function with the same gradients (up to float32 rounding); on ML100K about a fifth less time
-    per step (``experiments/bench_overhead.py``: 36.7 against 45.2 ms here).
+    per step (``experiments/bench_overhead.py --parts ctr``, bare loop: 36.7-37.2 against 45.2-47.1
+    ms here).
 
     ``unit_precision="bf16"`` runs the unit (its matrix products and activations, the [M, H] part
     that dominates DIN's cost) under bf16 autocast; the scores, the pooling and everything else
@@ -221,11 +222,21 @@ class TargetAttention(nn.Module):
         the flat positions ``pos`` [M] (row * L + step, ascending) of the [B, L] grid ``shape``. The
         same function as :meth:`forward` on the padded grid, without ever building it."""
         row = torch.div(pos, shape[1], rounding_mode="floor")
-        w = self._packed_scores(query, keys, row)
-        if self.normalize == "softmax":  # normalised over each row's grid ("none": the round trip is the identity)
-            w = self._grid(w, pos, shape).reshape(-1).index_select(0, pos)
+        w = self._packed_weights(self._packed_scores(query, keys, row), pos, shape)
+        return self._pool_rows(w, keys, row, shape[0])
+
+    def _packed_weights(self, scores: Tensor, pos: Tensor, shape: tuple[int, int]) -> Tensor:
+        """Raw packed scores [M] -> attention weights [M], normalised over each row's grid
+        (``"none"``: the round trip would be the identity)."""
+        if self.normalize == "softmax":
+            return self._grid(scores, pos, shape).reshape(-1).index_select(0, pos)
+        return scores
+
+    @staticmethod
+    def _pool_rows(w: Tensor, keys: Tensor, row: Tensor, b: int) -> Tensor:
+        """Sum of the weighted packed keys [M, d] per batch row: [B, d]."""
         weighted = w.unsqueeze(1) * keys  # float32 weights: bf16 keys (FSDP's bf16 parameters) promote
-        return weighted.new_zeros(shape[0], keys.shape[1]).index_add(0, row, weighted)
+        return weighted.new_zeros(b, keys.shape[1]).index_add(0, row, weighted)
 
     def forward_tables(self, query: Tensor, features: list[HistoryTable], pos: Tensor,
                        shape: tuple[int, int]) -> Tensor:
@@ -262,9 +273,7 @@ class TargetAttention(nn.Module):
                             else torch.matmul(k, wkd[:, cols].t()))
                 h = h + key_term + torch.matmul(query[:, cols].index_select(0, row) * k, wp[:, cols].t())
                 keys.append(k)
-            w = self._rest(h)
-        if self.normalize == "softmax":
-            w = self._grid(w, pos, shape).reshape(-1).index_select(0, pos)
+            w = self._packed_weights(self._rest(h), pos, shape)
         pooled = []
         for f, k in zip(features, keys):
             v = f.table.shape[0]
@@ -272,9 +281,7 @@ class TargetAttention(nn.Module):
                 hist = w.new_zeros(b * v).index_add(0, row * v + f.ids, w).reshape(b, v)
                 pooled.append(torch.matmul(hist, f.table.to(hist.dtype)))
             else:
-                k = F.embedding(f.ids, f.table) if k is None else k
-                weighted = w.unsqueeze(1) * k  # float32 weights: bf16 tables promote
-                pooled.append(weighted.new_zeros(b, k.shape[1]).index_add(0, row, weighted))
+                pooled.append(self._pool_rows(w, F.embedding(f.ids, f.table) if k is None else k, row, b))
         return torch.cat(pooled, dim=1)
 
 
