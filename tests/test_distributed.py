@@ -213,6 +213,7 @@ def _metrics_worker(rank: int, world: int, port: int, preds, target, groups, out
     out = m._compute(m.val_metrics)
     none = m._compute(m.test_metrics[0])  # no rank updated it
     torch.save({"out": {k: float(v) for k, v in out.items()}, "none": none}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
     dist.destroy_process_group()
 
 

@@ -245,6 +245,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         out = {k: float(v) for k, v in mc.compute().items()}
         if rank == 0:
             queue.put(out)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
