@@ -57,17 +57,26 @@ def _history_tables(dtype=torch.float64):
     """Three sequence features (widths 4, 3, 2) over a [5, 7] history grid with 19 real items, one
     per branch of :meth:`TargetAttention.forward_tables`: 40 rows (more than the packed rows: keys
     gathered, key term and pooling as products), 10 rows (key term as a table, pooling by
-    gather), 3 rows shared by target and history (a table of pairs, pooling by histogram)."""
+    gather), 3 rows shared by target and history (a table of pairs, pooling by histogram).
+    Returns the leaf tables, the ``HistoryTable`` features, the query [5, 9], the gathered packed
+    keys [19, 9] (``forward_packed``'s input) and the packed positions."""
     g = torch.Generator().manual_seed(0)
     mask = torch.arange(7)[None] < torch.tensor([0, 1, 6, 7, 5])[:, None]
+    names = ("item", "brand", "genre")
     tables = {}
     for name, v, d in (("item", 40, 4), ("brand", 10, 3), ("genre", 3, 2)):
         tables[name] = torch.randn(v, d, generator=g, dtype=dtype).requires_grad_()
     tables["query_item"] = torch.randn(40, 4, generator=g, dtype=dtype).requires_grad_()
     tables["query_brand"] = torch.randn(12, 3, generator=g, dtype=dtype).requires_grad_()
-    seq = {n: torch.randint(1, tables[n].shape[0], (5, 7), generator=g) for n in ("item", "brand", "genre")}
-    target = {n: torch.randint(1, tables[n].shape[0], (5,), generator=g) for n in ("item", "brand", "genre")}
-    return tables, seq, target, mask
+    seq = {n: torch.randint(1, tables[n].shape[0], (5, 7), generator=g) for n in names}
+    target = {n: torch.randint(1, tables[n].shape[0], (5,), generator=g) for n in names}
+    qt = {"item": tables["query_item"], "brand": tables["query_brand"], "genre": tables["genre"]}
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    ids = {n: seq[n].reshape(-1)[pos] for n in names}
+    feats = [HistoryTable(tables[n], ids[n], qt[n], target[n]) for n in names]
+    query = torch.cat([qt[n][target[n]] for n in names], 1)
+    keys = torch.cat([tables[n][ids[n]] for n in names], 1)
+    return tables, feats, query, keys, pos
 
 
 @pytest.mark.parametrize("normalize", ["none", "softmax"])
@@ -79,21 +88,15 @@ def test_table_space_attention_equals_packed(normalize):
     tabled = TargetAttention(9, [16, 4], act="dice", normalize=normalize).double().train()
     tabled.load_state_dict(packed.state_dict())
     assert tabled.takes_tables and not TargetAttention(9, pack=False).takes_tables
-    tables, seq, target, mask = _history_tables()
-    qt = {"item": tables["query_item"], "brand": tables["query_brand"], "genre": tables["genre"]}
-    names = ["item", "brand", "genre"]
-    pos = mask.reshape(-1).nonzero().squeeze(1)
+    tables, feats, query, keys, pos = _history_tables()
     assert len(pos) == 19
-    keys = torch.cat([tables[n][seq[n].reshape(-1)[pos]] for n in names], 1)
-    ref = packed.forward_packed(torch.cat([qt[n][target[n]] for n in names], 1), keys, pos, (5, 7))
-    feats = [HistoryTable(tables[n], seq[n].reshape(-1)[pos], qt[n], target[n]) for n in names]
-    query = torch.cat([qt[n][target[n]] for n in names], 1)
+    ref = packed.forward_packed(query, keys, pos, (5, 7))
     out = tabled.forward_tables(query, feats, pos, (5, 7))
     tol = dict(rtol=1e-5, atol=1e-6)  # the unit's raw scores are float32 in both (one rounding of h apart)
     torch.testing.assert_close(out, ref, **tol)
     assert out[0].abs().sum() == 0  # the empty history pools to zero
     leaves = [*tables.values(), *packed.parameters()]
-    g_ref = torch.autograd.grad(ref.square().sum(), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad(ref.square().sum(), leaves, allow_unused=True, retain_graph=True)  # shares query
     leaves = [*tables.values(), *tabled.parameters()]
     g_out = torch.autograd.grad(out.square().sum(), leaves, allow_unused=True)
     for a, b in zip(g_out, g_ref):
@@ -129,11 +132,7 @@ def test_table_space_attention_under_bf16_is_close():
     ref = TargetAttention(9, [16, 4], act="dice", normalize="softmax")
     bf = TargetAttention(9, [16, 4], act="dice", normalize="softmax", unit_precision="bf16")
     bf.load_state_dict(ref.state_dict())
-    tables, seq, target, mask = _history_tables(torch.float32)
-    qt = {"item": tables["query_item"], "brand": tables["query_brand"], "genre": tables["genre"]}
-    pos = mask.reshape(-1).nonzero().squeeze(1)
-    feats = [HistoryTable(tables[n], seq[n].reshape(-1)[pos], qt[n], target[n]) for n in ("item", "brand", "genre")]
-    query = torch.cat([qt[n][target[n]] for n in ("item", "brand", "genre")], 1)
+    tables, feats, query, _, pos = _history_tables(torch.float32)
     a, b = ref.forward_tables(query, feats, pos, (5, 7)), bf.forward_tables(query, feats, pos, (5, 7))
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
