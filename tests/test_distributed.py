@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _gloo import free_port, gloo_group
 from ctr.runs import compose_config
 from omegaconf import OmegaConf
 
@@ -198,31 +199,25 @@ def test_contrastive_rank_shares_are_the_global_batch(cache_dir):
 
 
 def _metrics_worker(rank: int, world: int, port: int, preds, target, groups, out_dir: str):
-    import torch.distributed as dist
-
     import ctr  # noqa: F401  (the torchvision import hook, before torchmetrics)
     from ctr.module import CTRModule
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    m = CTRModule(torch.nn.Identity())
-    lo, hi = len(preds) * rank // world, len(preds) * (rank + 1) // world
-    if rank == 1:  # this rank's share holds none of the slice's rows
-        lo = hi
-    if hi > lo:
-        m.val_metrics.update(preds[lo:hi], target[lo:hi], groups=groups[lo:hi])
-    out = m._compute(m.val_metrics)
-    none = m._compute(m.test_metrics[0])  # no rank updated it
-    torch.save({"out": {k: float(v) for k, v in out.items()}, "none": none}, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        m = CTRModule(torch.nn.Identity())
+        lo, hi = len(preds) * rank // world, len(preds) * (rank + 1) // world
+        if rank == 1:  # this rank's share holds none of the slice's rows
+            lo = hi
+        if hi > lo:
+            m.val_metrics.update(preds[lo:hi], target[lo:hi], groups=groups[lo:hi])
+        out = m._compute(m.val_metrics)
+        none = m._compute(m.test_metrics[0])  # no rank updated it
+        torch.save({"out": {k: float(v) for k, v in out.items()}, "none": none}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_metrics_are_computed_over_every_rank(tmp_path):
     """2 gloo processes: each rank's metrics are those of the rows of all ranks, also when a rank
     saw no rows (its states are empty); a collection no rank updated is skipped on every rank."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from ctr.metrics import ctr_metrics
@@ -231,10 +226,7 @@ def test_metrics_are_computed_over_every_rank(tmp_path):
     n = 300
     preds, groups = torch.rand(n, generator=g), torch.randint(0, 12, (n,), generator=g)
     target = (torch.rand(n, generator=g) < preds).float()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_metrics_worker, args=(2, port, preds, target, groups, str(tmp_path)), nprocs=2)
+    mp.spawn(_metrics_worker, args=(2, free_port(), preds, target, groups, str(tmp_path)), nprocs=2)
     ref = ctr_metrics("val/")
     ref.update(preds[:n // 2], target[:n // 2], groups=groups[:n // 2])  # rank 0's rows; rank 1 had none
     expect = {k: float(v) for k, v in ref.compute().items()}

@@ -3,8 +3,6 @@ backends (plain nn.Embedding vs TorchRec's EmbeddingCollection, unsharded and sh
 
 import functools
 import hashlib
-import os
-import socket
 from dataclasses import asdict
 from datetime import datetime, timedelta
 
@@ -12,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from _gloo import free_port, gloo_group
 from torch import nn
 
 from ctr.data.batch import TensorStore
@@ -332,17 +331,12 @@ def test_config_selects_torchrec_and_hashing_end_to_end(tmp_path):
 
 # ---- sharded (DistributedModelParallel, gloo, 2 CPU processes) ------------------------------
 def _sharded_worker(rank: int, world: int, port: int) -> None:
-    import gc
-
-    import torch.distributed as dist
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
     from ctr.models.embedding import TorchRecEmbedding, shard_embeddings
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         sizes, aliases, lr = {"a": 11, "b": 7}, {"hist.a": "a"}, 0.1
         for sharding in ("table_wise", "row_wise"):
             torch.manual_seed(3)  # every rank builds the same tables
@@ -374,20 +368,7 @@ def _sharded_worker(rank: int, world: int, port: int) -> None:
                     torch.testing.assert_close(s.tensor, expected[rows], msg=f"{sharding} rank {rank} {n} update")
                     moved = plain.weight(n).grad[rows].any(1)  # the rows that some rank looked up
                     assert moved.any() and not torch.isclose(s.tensor[moved], plain.weight(n).detach()[rows][moved]).all()
-            del model, out, shards, s
-        # Free the sharded modules (and what they hold of the process group) and let both ranks
-        # reach the end before the group goes: without this, about one run in 20 aborted at
-        # interpreter exit ("terminate called without an active exception", no Python frame).
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            del model, out, shards, s  # the sharded modules hold the group: they go before it
 
 
 def test_sharded_torchrec_tables_equal_plain_on_cpu():
@@ -396,7 +377,7 @@ def test_sharded_torchrec_tables_equal_plain_on_cpu():
     pytest.importorskip("torchrec")
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_shard_embeddings_without_a_process_group_is_a_no_op():

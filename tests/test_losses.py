@@ -1,13 +1,12 @@
 """Contrastive losses (encoders.losses): naive references, masking, queue, and the 2-process DDP equivalence."""
 
-import gc
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import encoders  # noqa: F401  (torchvision import hook, before anything else)
 import pytest
+from _gloo import free_port, gloo_group
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -346,40 +345,36 @@ def _ntxent_model():
     return nn.Linear(5, D).to(DT), LogitScale(init=3.0).to(DT)
 
 
-def _ddp_worker(rank, world, store, out):
+def _ddp_worker(rank, world, port, out):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=30))
-        b = N // world
-        x = _raw(slice(rank * b, (rank + 1) * b))
-        res = {}
+        with gloo_group(rank, world, port):
+            b = N // world
+            x = _raw(slice(rank * b, (rank + 1) * b))
+            res = {}
 
-        model = DDP(_Encoders())                              # InfoNCE: DDP averages the gradients
-        loss = model(x)
-        loss.backward()
-        res["infonce"] = (loss.detach(), [p.grad for p in model.module.parameters()])
+            model = DDP(_Encoders())                              # InfoNCE: DDP averages the gradients
+            loss = model(x)
+            loss.backward()
+            res["infonce"] = (loss.detach(), [p.grad for p in model.module.parameters()])
 
-        enc, scale = _ntxent_model()                          # NT-Xent: the average done by hand
-        loss = _ntxent_step(enc, scale, x)
-        loss.backward()
-        grads = []
-        for p in [*enc.parameters(), *scale.parameters()]:
-            dist.all_reduce(p.grad)
-            grads.append(p.grad / world)
-        res["ntxent"] = (loss.detach(), grads)
+            enc, scale = _ntxent_model()                          # NT-Xent: the average done by hand
+            loss = _ntxent_step(enc, scale, x)
+            loss.backward()
+            grads = []
+            for p in [*enc.parameters(), *scale.parameters()]:
+                dist.all_reduce(p.grad)
+                grads.append(p.grad / world)
+            res["ntxent"] = (loss.detach(), grads)
 
-        queue = EmbeddingQueue(D, size=6, n_keys=2).to(DT)   # every rank ends with the global batch
-        queue.enqueue(torch.ones(b, D, dtype=DT) * (rank * b + torch.arange(b))[:, None], x["pk"])
-        res["queue"] = queue.get()
-        torch.save(res, Path(out) / f"rank{rank}.pt")
-        del model, loss, res  # the DDP reducer holds the group: drop it before the group goes, or
-        gc.collect()          # about one run in 20 aborted at exit (2 of 40 here; 0 of 140 with this)
-        dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
-        dist.destroy_process_group()
+            queue = EmbeddingQueue(D, size=6, n_keys=2).to(DT)   # every rank ends with the global batch
+            queue.enqueue(torch.ones(b, D, dtype=DT) * (rank * b + torch.arange(b))[:, None], x["pk"])
+            res["queue"] = queue.get()
+            torch.save(res, Path(out) / f"rank{rank}.pt")
+            del model, loss, res  # the DDP reducer holds the group: it must go before the group
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -389,8 +384,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, WORLD, str(tmp_path / "store"), str(tmp_path)))
-             for r in range(WORLD)]
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, WORLD, port, str(tmp_path))) for r in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 90                          # a rank that dies leaves the other in a

@@ -1,12 +1,11 @@
 """ctr.metrics against plain Python/numpy reference implementations."""
 
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from _gloo import free_port, gloo_group
 
 import ctr  # noqa: F401  (installs the torchvision hook before torchmetrics is imported)
 from ctr.metrics import AUC, GAUC, CalibrationRatio, ExpectedCalibrationError, LogLoss, ctr_metrics
@@ -223,21 +222,8 @@ def test_collection_keys_and_prefix():
 # ---------------------------------------------------------------- distributed (gloo, 2 CPU processes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
-    import torch.distributed as dist
-
-    import ctr  # noqa: F401
-    from ctr.metrics import ctr_metrics
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         p, t, g = make_data(7)
         mine = torch.arange(len(p))[rank::world][: 250 + 50 * rank]  # uneven shards, rest dropped
         mc = ctr_metrics()
@@ -245,9 +231,6 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         out = {k: float(v) for k, v in mc.compute().items()}
         if rank == 0:
             queue.put(out)
-        dist.barrier()  # no rank tears gloo down while the other still talks to it (a SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -256,7 +239,7 @@ def test_distributed_matches_single_process():
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), queue), nprocs=2, start_method="spawn")
     got = queue.get()
     p, t, g = make_data(7)
     idx = torch.cat([torch.arange(len(p))[r::2][: 250 + 50 * r] for r in range(2)])
